@@ -1,0 +1,273 @@
+"""Backbones: timm creation, weight resolution and generic stage-wise freezing.
+
+A backbone maps images to pooled features. Its coarse parameter groups (timm's
+``group_matcher(coarse=True)``, stem first) are its "stages": freezing k stages freezes the
+first k groups, for any architecture that defines its groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError, WeightsUnavailable
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the backbone was pretrained on: input size and normalisation."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 0.875
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Cheap facts about a backbone, known before any weights are loaded."""
+
+    name: str
+    num_stages: int
+    num_features: int
+    preprocessing: Preprocessing
+
+
+@dataclass(frozen=True)
+class WeightsRequest:
+    """Where the weights should come from: a local file, the pretrained default, or random init."""
+
+    pretrained: bool
+    file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "file" if self.file else ("pretrained" if self.pretrained else "random init")
+
+
+@dataclass
+class Backbone:
+    module: nn.Module  # images -> pooled features (N, num_features)
+    num_features: int
+    stages: list[list[str]]  # parameter names per coarse stage, stem first
+    preprocessing: Preprocessing
+    source: str  # where the weights came from, for the leaderboard and the saved model
+
+
+# --------------------------------------------------------------------------- weights
+
+def _ways_out(name: str) -> str:
+    return (f"ways out: --weights {name}=PATH to a local .safetensors/.pth state dict; "
+            "fill the Hugging Face cache (run once with network, or point HF_HOME at a populated cache); "
+            "or --no-pretrained to train from random init")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or .pth state dict, unwrapping the usual checkpoint envelopes."""
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsUnavailable(f"weights file {file} does not exist; fix the PATH in --weights NAME=PATH")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailable(f"cannot read weights file {file}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"weights file {file} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, name: str, origin: str,
+              ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`, every backbone tensor required; classifier keys may be ignored."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else state
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+    if problems:
+        raise WeightsUnavailable(f"weights from {origin} do not fit backbone {name!r}: tensors {'; '.join(problems)}; "
+                                 "check that the file belongs to this architecture")
+    module.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+def timm_stages(model: nn.Module) -> list[list[str]]:
+    """timm's coarse parameter groups, stem first; every parameter lands in exactly one."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise UserError(f"{type(model).__name__} defines no group_matcher(); it cannot be frozen stage-wise")
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [list(groups[key]) for key in sorted(groups)]
+
+
+def freeze(module: nn.Module, stages: list[list[str]], k: int) -> None:
+    """Freeze the first `k` stages (no gradients); the rest train."""
+    if not 0 <= k <= len(stages):
+        raise ValueError(f"frozen_stages must be in 0..{len(stages)}, got {k}")
+    frozen = {name for stage in stages[:k] for name in stage}
+    for name, param in module.named_parameters():
+        param.requires_grad_(name not in frozen)
+
+
+def frozen_submodules(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules whose parameters are all frozen: they must stay in eval mode."""
+    found: list[nn.Module] = []
+
+    def visit(mod: nn.Module) -> None:
+        params = list(mod.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append(mod)
+            return
+        for child in mod.children():
+            visit(child)
+
+    visit(module)
+    return found
+
+
+# --------------------------------------------------------------------------- timm provider
+
+class TimmProvider:
+    """Every timm model name, with or without a pretrained tag."""
+
+    name = "timm"
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[str, WeightsRequest], Backbone] = {}
+        self._lock = threading.Lock()
+
+    def matches(self, model_name: str) -> bool:
+        import timm
+
+        return timm.is_model(model_name)
+
+    def describe(self, model_name: str) -> BackboneInfo:
+        return _describe_timm(model_name)
+
+    def create(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        """A fresh copy of the backbone; weights are read once per process and then copied."""
+        key = (model_name, weights)
+        with self._lock:
+            if key not in self._templates:
+                self._templates[key] = self._build(model_name, weights)
+        template = self._templates[key]
+        return Backbone(copy.deepcopy(template.module), template.num_features,
+                        template.stages, template.preprocessing, template.source)
+
+    def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        import timm
+
+        info = self.describe(model_name)
+        cfg = _pretrained_cfg(model_name)
+        if weights.file:
+            module = timm.create_model(model_name, pretrained=False, num_classes=0)
+            classifiers = cfg.get("classifier") or ()
+            classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+            load_into(module, read_state_dict(weights.file), name=model_name, origin=weights.file,
+                      ignore_prefixes=tuple(f"{c}." for c in classifiers))
+            source = f"file:{weights.file}"
+        elif weights.pretrained:
+            module = _load_from_hub(model_name, cfg)
+            source = f"hf-hub:{cfg.get('hf_hub_id') or cfg.get('url')}"
+        else:
+            module = timm.create_model(model_name, pretrained=False, num_classes=0)
+            source = "random init"
+        return Backbone(module, info.num_features, timm_stages(module), info.preprocessing, source)
+
+
+def _pretrained_cfg(model_name: str) -> dict:
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # an unknown tag
+        arch = model_name.split(".")[0]
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise UserError(f"backbone {model_name!r}: {exc} Known tags: {', '.join(tags) or 'none'}") from None
+    return cfg.to_dict() if cfg is not None else {}
+
+
+@lru_cache(maxsize=None)
+def _describe_timm(model_name: str) -> BackboneInfo:
+    import timm
+
+    cfg = _pretrained_cfg(model_name)
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    cfg = {**cfg, **getattr(model, "pretrained_cfg", {})}
+    preprocessing = Preprocessing(
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+    return BackboneInfo(model_name, len(timm_stages(model)), int(model.num_features), preprocessing)
+
+
+def _load_from_hub(model_name: str, cfg: dict) -> nn.Module:
+    """Pretrained weights through timm (hub, or the local HF cache when offline); never random."""
+    import timm
+
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
+                                 f"timm knows no pretrained weights for this name; {_ways_out(model_name)}")
+    try:
+        return timm.create_model(model_name, pretrained=True, num_classes=0)
+    except Exception as exc:
+        raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
+                                 f"{_hub_failure_reason(cfg, exc)}; {_ways_out(model_name)}") from None
+
+
+def _hub_failure_reason(cfg: dict, exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    repo = cfg.get("hf_hub_id") or cfg.get("url")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        return f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"downloading {repo} failed (offline or blocked?): {type(exc).__name__}: {first_line}"
+
+
+# --------------------------------------------------------------------------- lookup
+
+def provider_for(model_name: str, registries) -> object:
+    """The registered provider serving `model_name`, or a UserError that suggests near names."""
+    provider = registries.backbone_provider(model_name)
+    if provider is not None:
+        return provider
+    import difflib
+
+    import timm
+
+    arch = model_name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UserError(f"unknown backbone {model_name!r}{hint}; use a timm model name or one served by a plugin "
+                    "(see `autotransfer plugins`)")

@@ -1,0 +1,17 @@
+"""The built-in plugin: registers the core datasets and backbones through the public hooks."""
+
+from __future__ import annotations
+
+from .backbones import TimmProvider
+from .data import BuiltinSource, CsvSource, FolderSource
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def autotransfer_dataset_sources() -> list:
+    return [BuiltinSource(), CsvSource(), FolderSource()]
+
+
+@hookimpl
+def autotransfer_backbone_providers() -> list:
+    return [TimmProvider()]

@@ -1,0 +1,200 @@
+"""The `autotransfer` command line: search, leaderboard, predict, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+PROG = "autotransfer"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other bad input here."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _search_parser(sub) -> None:
+    from . import config as c
+
+    p = sub.add_parser("search", help="search transfer configurations on a dataset", argument_default=argparse.SUPPRESS)
+    p.add_argument("--dataset", help="image folder, CSV manifest (path,label[,split]) or builtin:digits")
+    p.add_argument("--backbones", type=c.parse_list, help=f"comma list of timm/plugin backbones (default {','.join(c.DEFAULT_BACKBONES)})")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init (marked on the leaderboard)")
+    p.add_argument("--weights", action="append", metavar="NAME=PATH", help="local .safetensors/.pth state dict for a backbone (repeatable)")
+    p.add_argument("--frozen-stages", help="range LOW-HIGH or list, 'all' = whole backbone (default 0-all)")
+    p.add_argument("--heads", type=c.parse_list, help="comma list of linear,mlp")
+    p.add_argument("--head-hidden", type=lambda t: [int(v) for v in c.parse_list(t)], help="comma list of mlp widths (default 128,256,512)")
+    p.add_argument("--head-dropout", help="LOW:HIGH or a value (default 0:0.5)")
+    p.add_argument("--lr", help="LOW:HIGH log-uniform, or a value (default 1e-5:1e-1)")
+    p.add_argument("--optimizers", type=c.parse_list, help=f"comma list of {','.join(c.OPTIMIZERS)} (default adam,rmsprop)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 5)")
+    p.add_argument("--batch-size", type=int, help="default 32")
+    p.add_argument("--image-size", type=int, help=f"crop size (default: the backbone's, at most {c.CPU_IMAGE_SIZE_CAP} on CPU)")
+    p.add_argument("--val-fraction", type=float, help="validation share when the data has no split (default 0.2)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--pruner", choices=c.PRUNERS, help="default median")
+    p.add_argument("--trials", type=int, help="finished trials wanted in the study (default 20)")
+    p.add_argument("--timeout", type=float, help="search seconds, counted over all runs of the study")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite file in --out)")
+    p.add_argument("--study", help="study name (default derived from the dataset)")
+    p.add_argument("--out", help="output folder (default runs/<study>)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--plugin", action="append", help="plugin module or file.py to load (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Find the best way to transfer a pretrained image model to your dataset.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _search_parser(sub)
+    p = sub.add_parser("leaderboard", help="rebuild the leaderboard from the storage (also while a search runs)")
+    p.add_argument("run_dir", nargs="?", help="a search's --out folder")
+    p.add_argument("--storage")
+    p.add_argument("--study")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p = sub.add_parser("predict", help="label images with a saved model")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--model", required=True, help="a saved model folder, e.g. runs/<study>/best")
+    p.add_argument("--output", help="write path,label,confidence to this CSV instead of stdout")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--plugin", action="append", default=[])
+    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    p.add_argument("--plugin", action="append", default=[])
+    return parser
+
+
+def _search(args: argparse.Namespace) -> int:
+    from . import config as c
+    from . import leaderboard
+    from .search import RunOptions, Search, default_storage, default_study_name, merge_config, stored_config
+
+    given = vars(args)
+    explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
+                                      "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "seed",
+                                      "pruner", "trials", "timeout") if k in given}
+    if "weights" in given:
+        explicit["weights"] = c.parse_weights(given["weights"])
+    if "lr" in given:
+        explicit["lr"] = c.parse_range("--lr", given["lr"])
+    if "head_dropout" in given:
+        explicit["head_dropout"] = c.parse_range("--head-dropout", given["head_dropout"])
+    if "dataset" not in explicit and not ("storage" in given and "study" in given):
+        raise UserError("give --dataset PATH (or --storage URL --study NAME to resume a study)")
+    study_name = given.get("study") or default_study_name(explicit["dataset"])
+    out = Path(given.get("out") or Path("runs") / study_name)
+    storage = given.get("storage") or default_storage(out)
+    config = merge_config(explicit, stored_config(storage, study_name))
+    options = RunOptions(out=out, storage=storage, study_name=study_name, device=given.get("device", "auto"),
+                         quiet=given.get("quiet", False), plugins=tuple(given.get("plugin", [])))
+    search = Search(config, options)
+    try:
+        study = search.run()
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished trials are kept in {storage} (study {study_name!r}); "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    frame = leaderboard.leaderboard_frame(study)
+    if not options.quiet:
+        print(leaderboard.to_markdown(frame))
+        print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
+              f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    import optuna
+
+    from . import leaderboard
+    from .search import RUN_FILE
+
+    storage, study_name = args.storage, args.study
+    if args.run_dir:
+        run_file = Path(args.run_dir) / RUN_FILE
+        if not run_file.is_file():
+            raise UserError(f"{args.run_dir} is not a search folder (no {RUN_FILE}); give --storage URL --study NAME")
+        stored = json.loads(run_file.read_text())
+        storage, study_name = storage or stored["storage"], study_name or stored["study"]
+    if not storage or not study_name:
+        raise UserError("give a run folder, or --storage URL and --study NAME")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise UserError(f"no study {study_name!r} in {storage}") from None
+    frame = leaderboard.leaderboard_frame(study)
+    print(frame.to_csv(index=False) if args.format == "csv" else leaderboard.to_markdown(frame))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .plugins import registries
+    from .predict import predict
+    from .search import resolve_device
+
+    frame = predict(Path(args.model), args.inputs, registries(tuple(args.plugin)), resolve_device(args.device))
+    if args.output:
+        frame.to_csv(args.output, index=False)
+        print(f"wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
+    else:
+        print(frame.to_csv(index=False), end="")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .plugins import plugin_manager, registries
+
+    pm = plugin_manager(tuple(args.plugin))
+    regs = registries(tuple(args.plugin))
+    dists = {plugin: dist for plugin, dist in pm.list_plugin_distinfo()}
+    for name, plugin in pm.list_name_plugin():
+        dist = dists.get(plugin)
+        if dist is not None:
+            label = f"{dist.project_name} {dist.version}"
+        else:
+            try:
+                label = f"{PROG} {version(PROG)}" if name.startswith(PROG) else name
+            except PackageNotFoundError:
+                label = name
+        owned = [f"dataset:{s.name}" for s in regs.datasets if type(s).__module__.startswith(plugin.__name__.rsplit('.', 1)[0])]
+        print(f"{name} ({label})")
+        for hook in ("autotransfer_dataset_sources", "autotransfer_backbone_providers"):
+            impl = getattr(plugin, hook, None)
+            if impl is not None:
+                print(f"  {hook.split('_', 1)[1]}: {', '.join(item.name for item in impl())}")
+    return 0
+
+
+COMMANDS = {"search": _search, "leaderboard": _leaderboard, "predict": _predict, "plugins": _plugins}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.tensorboard")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

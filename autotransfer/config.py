@@ -1,0 +1,175 @@
+"""Search configuration: one dataclass, stored in the Optuna study so any worker can rebuild it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+DEFAULT_BACKBONES = ("resnet18.a1_in1k", "efficientnet_b0.ra_in1k", "mobilenetv3_large_100.ra_in1k")
+HEADS = ("linear", "mlp")
+HEAD_HIDDEN = (128, 256, 512)
+OPTIMIZERS = ("adam", "rmsprop", "adamw", "sgd")
+DEFAULT_OPTIMIZERS = ("adam", "rmsprop")
+PRUNERS = ("median", "hyperband", "none")
+CPU_IMAGE_SIZE_CAP = 160
+CONFIG_ATTR = "autotransfer_config"
+
+# Fields that may change between runs of one study: they steer the run, not the search space.
+RUN_FIELDS = frozenset({"trials", "timeout"})
+
+
+@dataclass
+class SearchConfig:
+    """Everything that defines a search; the run-only knobs (device, output, quiet) live elsewhere."""
+
+    dataset: str
+    backbones: list[str] = field(default_factory=lambda: list(DEFAULT_BACKBONES))
+    pretrained: bool = True
+    weights: dict[str, str] = field(default_factory=dict)
+    frozen_stages: str = "0-all"
+    heads: list[str] = field(default_factory=lambda: list(HEADS))
+    head_hidden: list[int] = field(default_factory=lambda: list(HEAD_HIDDEN))
+    head_dropout: tuple[float, float] = (0.0, 0.5)
+    lr: tuple[float, float] = (1e-5, 1e-1)
+    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
+    epochs: int = 5
+    batch_size: int = 32
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    pruner: str = "median"
+    trials: int | None = 20
+    timeout: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("head_dropout", "lr"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def validate(self) -> "SearchConfig":
+        """Check every value; the messages name the bad value and the flag that fixes it."""
+        if not self.backbones:
+            raise UserError("--backbones is empty; give at least one timm model name")
+        _check_subset("--heads", self.heads, HEADS)
+        _check_subset("--optimizers", self.optimizers, OPTIMIZERS)
+        if self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
+        _check_positive("--epochs", self.epochs)
+        _check_positive("--batch-size", self.batch_size)
+        if self.image_size is not None:
+            _check_positive("--image-size", self.image_size)
+        if self.trials is not None:
+            _check_positive("--trials", self.trials)
+        if self.timeout is not None and not self.timeout > 0:
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.trials is None and self.timeout is None:
+            raise UserError("no budget: give --trials N and/or --timeout SECONDS")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        low, high = self.lr
+        if not (0 < low <= high and math.isfinite(high)):
+            raise UserError(f"--lr range must satisfy 0 < low <= high, got {low}:{high}")
+        low, high = self.head_dropout
+        if not 0 <= low <= high < 1:
+            raise UserError(f"--head-dropout must satisfy 0 <= low <= high < 1, got {low}:{high}")
+        for width in self.head_hidden:
+            _check_positive("--head-hidden", width)
+        parse_frozen_spec(self.frozen_stages)
+        unknown = sorted(set(self.weights) - set(self.backbones))
+        if unknown:
+            raise UserError(
+                f"--weights names {', '.join(unknown)}, which is not in --backbones; "
+                "use the exact backbone name on both")
+        return self
+
+    def conflicts_with(self, stored: "SearchConfig") -> list[str]:
+        """Names of search-defining fields whose values differ from the stored study's."""
+        mine, theirs = self.to_dict(), stored.to_dict()
+        return [k for k in mine if k not in RUN_FIELDS and _normalise(mine[k]) != _normalise(theirs[k])]
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _check_subset(flag: str, values: list[str], allowed: tuple[str, ...]) -> None:
+    if not values:
+        raise UserError(f"{flag} is empty; choose from {', '.join(allowed)}")
+    for value in values:
+        if value not in allowed:
+            raise UserError(f"{flag}: unknown value {value!r}; choose from {', '.join(allowed)}")
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{flag} must be a positive integer, got {value}")
+
+
+def parse_frozen_spec(spec: str) -> tuple[str, list[str]]:
+    """Parse `--frozen-stages`: a range `LOW-HIGH` or a comma list; `all` means every stage.
+
+    Returns ("range", [low, high]) or ("choice", tokens), tokens kept as strings so the
+    Optuna distribution is the same for every backbone.
+    """
+    text = spec.replace(" ", "").lower()
+    tokens = [t for t in text.split(",") if t]
+    if len(tokens) == 1 and "-" in tokens[0]:
+        low, _, high = tokens[0].partition("-")
+        if not (_is_stage(low) and _is_stage(high)) or low == "all":
+            raise UserError(f"--frozen-stages: bad range {spec!r}; write e.g. 0-all, 0-3 or 0,2,all")
+        if high != "all" and int(high) < int(low):
+            raise UserError(f"--frozen-stages: range {spec!r} is empty; write LOW-HIGH with LOW <= HIGH")
+        return "range", [low, high]
+    if not tokens or not all(_is_stage(t) for t in tokens):
+        raise UserError(f"--frozen-stages: bad value {spec!r}; write e.g. 0-all, 0-3 or 0,2,all")
+    return "choice", list(dict.fromkeys(tokens))
+
+
+def _is_stage(token: str) -> bool:
+    return token == "all" or token.isdigit()
+
+
+def resolve_stage(token: str, num_stages: int) -> int:
+    """Map a frozen-stages token to a count within 0..num_stages."""
+    return num_stages if token == "all" else min(int(token), num_stages)
+
+
+def parse_range(flag: str, text: str, cast=float) -> tuple[Any, Any]:
+    """Parse `LOW:HIGH` (or a single value) for a numeric flag."""
+    try:
+        parts = [cast(p) for p in text.split(":")]
+    except ValueError:
+        raise UserError(f"{flag}: cannot read {text!r} as a number or LOW:HIGH range") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) != 2:
+        raise UserError(f"{flag}: {text!r} is not LOW:HIGH")
+    return parts[0], parts[1]
+
+
+def parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_weights(items: list[str]) -> dict[str, str]:
+    """Parse repeated `--weights NAME=PATH` options."""
+    weights: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--weights expects NAME=PATH, got {item!r}")
+        weights[name.strip()] = path.strip()
+    return weights

@@ -1,0 +1,424 @@
+"""Datasets: read labelled images once, keep them as uint8 tensors, augment in batches.
+
+Images are decoded a single time per run to a square `decode_size` (resize the short side,
+centre crop), so trials never re-decode JPEGs. Augmentation and normalisation run on whole
+batches of tensors, on the training device.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ImageRef = Union[Path, np.ndarray]
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
+TRAIN_SCALE = (0.6, 1.0)
+TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class LabelledRefs:
+    """Undecoded images with labels, as a dataset source returns them."""
+
+    name: str
+    refs: list[ImageRef]
+    labels: np.ndarray
+    class_names: list[str]
+    splits: np.ndarray | None = None  # "train"/"val" per image, or None to split here
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.splits is not None:
+            self.splits = np.asarray(self.splits)
+
+
+# --------------------------------------------------------------------------- sources
+
+class FolderSource:
+    """ImageFolder layout: `root/train/<class>/*` + `root/val/<class>/*`, or `root/<class>/*`."""
+
+    name = "folder"
+
+    def can_load(self, uri: str) -> bool:
+        return Path(uri).is_dir()
+
+    def load(self, uri: str) -> LabelledRefs:
+        root = Path(uri)
+        split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in _subdirs(root) if p.name.lower() in SPLIT_NAMES}
+        if "train" in split_dirs and "val" in split_dirs:
+            parts = {split: _scan_classes(path) for split, path in split_dirs.items()}
+            class_names = sorted(set(parts["train"]) | set(parts["val"]))
+        else:
+            parts = {None: _scan_classes(root)}
+            class_names = sorted(parts[None])
+        if not class_names:
+            raise UserError(
+                f"no class folders in {root}; expected {root}/<class>/<image> or "
+                f"{root}/train/<class>/<image> with {root}/val/<class>/<image>")
+        index = {name: i for i, name in enumerate(class_names)}
+        refs, labels, splits = [], [], []
+        for split, classes in parts.items():
+            for class_name, files in classes.items():
+                refs += files
+                labels += [index[class_name]] * len(files)
+                splits += [split] * len(files)
+        if not refs:
+            raise UserError(f"no files found under {root}; put images in one folder per class")
+        return LabelledRefs(root.name, refs, np.array(labels), class_names,
+                            None if None in parts else np.array(splits))
+
+
+class CsvSource:
+    """A CSV manifest with columns `path,label` (paths relative to the CSV), optionally `split`."""
+
+    name = "csv"
+
+    def can_load(self, uri: str) -> bool:
+        return uri.lower().endswith(".csv") and Path(uri).is_file()
+
+    def load(self, uri: str) -> LabelledRefs:
+        path = Path(uri)
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in ("path", "label") if c not in columns]
+            if missing:
+                raise UserError(
+                    f"CSV manifest {path} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'}); "
+                    "its header must be path,label[,split]")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        if not rows:
+            raise UserError(f"CSV manifest {path} has a header but no rows")
+        class_names = sorted({row["label"] for row in rows})
+        index = {name: i for i, name in enumerate(class_names)}
+        refs = [(path.parent / row["path"]) for row in rows]
+        labels = np.array([index[row["label"]] for row in rows])
+        splits = None
+        if "split" in columns:
+            bad = sorted({row["split"] for row in rows if row["split"].lower() not in SPLIT_NAMES})
+            if bad:
+                raise UserError(f"CSV manifest {path}: unknown split value(s) {', '.join(map(repr, bad))}; use train or val")
+            splits = np.array([SPLIT_NAMES[row["split"].lower()] for row in rows])
+        return LabelledRefs(path.stem, refs, labels, class_names, splits)
+
+
+class BuiltinSource:
+    """`builtin:digits`: scikit-learn's bundled 8x8 digits, so demos and tests need no files."""
+
+    name = "builtin"
+    datasets = ("digits",)
+
+    def can_load(self, uri: str) -> bool:
+        return uri.startswith("builtin:")
+
+    def load(self, uri: str) -> LabelledRefs:
+        key = uri.split(":", 1)[1]
+        if key != "digits":
+            raise UserError(f"unknown built-in dataset {uri!r}; available: builtin:digits")
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        return LabelledRefs("digits", list(images), digits.target, [str(c) for c in digits.target_names])
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(root: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
+            for d in _subdirs(root)}
+
+
+# --------------------------------------------------------------------------- decoding
+
+def decode_image(ref: ImageRef, size: int) -> torch.Tensor:
+    """Decode to RGB, resize the short side to `size` and centre crop: uint8 (3, size, size)."""
+    if isinstance(ref, np.ndarray):
+        image = Image.fromarray(ref)
+    else:
+        image = Image.open(ref)
+        image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
+    image = _to_rgb(image)
+    image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 square images (N, 3, S, S) to (N, 3, size, size), antialiased."""
+    if images.shape[-1] == size:
+        return images
+    out = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], 256):
+        chunk = images[start:start + 256].float()
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + 256] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _try_decode(ref: ImageRef, size: int) -> torch.Tensor | None:
+    try:
+        return decode_image(ref, size)
+    except Exception:  # unreadable or not an image: counted and reported once by the caller
+        return None
+
+
+def _try_verify(ref: ImageRef) -> bool:
+    if isinstance(ref, np.ndarray):
+        return True
+    try:
+        with Image.open(ref) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
+
+
+def _describe(ref: ImageRef) -> str:
+    return str(ref) if isinstance(ref, Path) else "<array>"
+
+
+def memory_budget_bytes() -> int:
+    """Default cap for in-memory image caches: 40% of physical memory."""
+    try:
+        return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+# --------------------------------------------------------------------------- image sets
+
+@dataclass
+class ImageSet:
+    """Labelled images of one split: decoded in memory, or streamed from files by workers."""
+
+    labels: torch.Tensor
+    images: torch.Tensor | None = None          # uint8 (N, 3, S, S) when cached
+    refs: list[ImageRef] | None = None          # when streamed
+    decode_size: int = 0
+    _resized: dict[int, "ImageSet"] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def at_size(self, size: int) -> "ImageSet":
+        """The same images at another square size, derived from the decoded tensors (cached)."""
+        if size == self.decode_size:
+            return self
+        if size not in self._resized:
+            if self.in_memory:
+                self._resized[size] = ImageSet(self.labels, images=resize_square(self.images, size), decode_size=size)
+            else:
+                self._resized[size] = StreamedView(self, size)
+        return self._resized[size]
+
+    def to(self, device: torch.device) -> "ImageSet":
+        """Keep cached images resident on the training device (uint8, so 4x smaller than floats)."""
+        if not self.in_memory or self.images.device == device:
+            return self
+        return ImageSet(self.labels.to(device), images=self.images.to(device), decode_size=self.decode_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels); a final batch of one is dropped in training (BatchNorm)."""
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        order = order.to(self.images.device)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            if shuffle and len(index) < 2:
+                break
+            images, labels = self.images[index], self.labels[index]
+            if device is not None:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield images, labels
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, refs: Sequence[ImageRef], labels: torch.Tensor, decode_size: int, size: int):
+        self.refs, self.labels, self.decode_size, self.size = refs, labels, decode_size, size
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        image = decode_image(self.refs[i], self.decode_size)
+        if self.size != self.decode_size:
+            image = resize_square(image[None], self.size)[0]
+        return image, self.labels[i]
+
+
+class StreamedView(ImageSet):
+    """Images too large to cache: worker processes decode them every epoch."""
+
+    def __init__(self, base: ImageSet, size: int):
+        super().__init__(labels=base.labels, refs=base.refs, decode_size=base.decode_size)
+        self.size = size
+
+    def batches(self, batch_size, *, shuffle, generator=None, device=None):
+        dataset = _DecodeDataset(self.refs, self.labels, self.decode_size, self.size)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+            num_workers=min(8, os.cpu_count() or 1), drop_last=False,
+            pin_memory=device is not None and device.type == "cuda", persistent_workers=False)
+        for images, labels in loader:
+            if shuffle and len(labels) < 2:
+                break
+            if device is not None:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield images, labels
+
+
+@dataclass
+class PreparedData:
+    name: str
+    class_names: list[str]
+    train: ImageSet
+    val: ImageSet
+    decode_size: int
+    skipped: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: int,
+            memory_budget: int | None = None) -> PreparedData:
+    """Decode once, drop unreadable files (one warning), split and validate the classes."""
+    budget = memory_budget_bytes() if memory_budget is None else memory_budget
+    n = len(refs.refs)
+    if n == 0:
+        raise UserError(f"dataset {refs.name!r} holds no images")
+    fits = n * 3 * decode_size * decode_size <= budget
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        if fits:
+            decoded = list(pool.map(lambda r: _try_decode(r, decode_size), refs.refs, chunksize=16))
+            ok = np.array([t is not None for t in decoded])
+        else:
+            log.warning("%d images at %dpx exceed the %.1f GB cache budget; decoding them every epoch with workers",
+                        n, decode_size, budget / 2**30)
+            ok = np.array(list(pool.map(_try_verify, refs.refs, chunksize=16)))
+    skipped = [_describe(r) for r, good in zip(refs.refs, ok) if not good]
+    if skipped:
+        examples = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log.warning("skipped %d unreadable or non-image file(s): %s", len(skipped), examples)
+    if not ok.any():
+        raise UserError(f"dataset {refs.name!r} has no readable images ({n} files tried); check the path and formats")
+    keep = np.flatnonzero(ok)
+    labels = refs.labels[keep]
+    splits = refs.splits[keep] if refs.splits is not None else _stratified_split(labels, refs.class_names, val_fraction, seed)
+    _check_classes(labels, splits, refs.class_names, refs.name)
+
+    def subset(split: str) -> ImageSet:
+        rows = keep[splits == split]
+        label_tensor = torch.as_tensor(refs.labels[rows])
+        if fits:
+            return ImageSet(label_tensor, images=torch.stack([decoded[i] for i in rows]) if len(rows) else
+                            torch.empty((0, 3, decode_size, decode_size), dtype=torch.uint8), decode_size=decode_size)
+        return StreamedView(ImageSet(label_tensor, refs=[refs.refs[i] for i in rows], decode_size=decode_size), decode_size)
+
+    return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped)
+
+
+def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: float, seed: int) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels, minlength=len(class_names))
+    if (counts == 1).any():
+        lonely = class_names[int(np.flatnonzero(counts == 1)[0])]
+        raise UserError(f"class {lonely!r} has a single readable image; a train/val split needs at least 2 per class")
+    if len(np.flatnonzero(counts)) < 2:
+        _check_classes(labels, np.array(["train"] * len(labels)), class_names, "dataset")
+    index = np.arange(len(labels))
+    val_size = max(int(math.ceil(val_fraction * len(labels))), len(np.flatnonzero(counts)))
+    if val_size >= len(labels):
+        raise UserError(f"--val-fraction {val_fraction} leaves no training images; lower it")
+    _, val_index = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
+    splits = np.full(len(labels), "train", dtype=object)
+    splits[val_index] = "val"
+    return splits
+
+
+def _check_classes(labels: np.ndarray, splits: np.ndarray, class_names: list[str], name: str) -> None:
+    present = np.unique(labels)
+    if len(present) < 2:
+        only = class_names[int(present[0])] if len(present) else "none"
+        raise UserError(f"dataset {name!r} has a single class ({only}); transfer learning needs at least 2 classes")
+    train_classes = set(np.unique(labels[splits == "train"]).tolist())
+    missing = [class_names[i] for i in present if i not in train_classes]
+    if missing:
+        raise UserError(f"class(es) {', '.join(missing)} of dataset {name!r} have no training images; "
+                        "add some to the train split")
+    if not (splits == "val").any():
+        raise UserError(f"dataset {name!r} has no validation images; add a val split or use --val-fraction")
+
+
+# --------------------------------------------------------------------------- transforms
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (images.float() - mean_t) / std_t
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    offset = (images.shape[-1] - size) // 2
+    return images[..., offset:offset + size, offset:offset + size]
+
+
+def eval_transform(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """Validation/prediction: centre crop then normalise (the resize happened at decode)."""
+    return normalise(centre_crop(images, size), mean, std)
+
+
+def train_transform(images: torch.Tensor, size: int, mean, std, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random resized crop (mild scale) + horizontal flip for a whole batch, as one grid sample."""
+    n = images.shape[0]
+    rand = torch.rand((n, 5), generator=generator).to(images.device)
+    scale = TRAIN_SCALE[0] + (TRAIN_SCALE[1] - TRAIN_SCALE[0]) * rand[:, 0]
+    log_ratio = math.log(TRAIN_RATIO[0]) + (math.log(TRAIN_RATIO[1]) - math.log(TRAIN_RATIO[0])) * rand[:, 1]
+    ratio = torch.exp(log_ratio)
+    width = torch.sqrt(scale * ratio).clamp(max=1.0)
+    height = torch.sqrt(scale / ratio).clamp(max=1.0)
+    centre_x = (1 - width) * (2 * rand[:, 2] - 1)
+    centre_y = (1 - height) * (2 * rand[:, 3] - 1)
+    flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros((n, 2, 3), device=images.device)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = centre_y
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return normalise(sampled, mean, std)

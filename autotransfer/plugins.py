@@ -1,0 +1,105 @@
+"""Plugin discovery and the per-kind registries built from the hooks."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import UserError
+
+ENV_VAR = "AUTOTRANSFER_PLUGINS"
+BUILTIN_MODULES = ("autotransfer.builtin",)
+
+
+@dataclass(frozen=True)
+class Registries:
+    datasets: list[Any]
+    backbones: list[Any]
+
+    def dataset_source(self, uri: str) -> Any:
+        for source in self.datasets:
+            if source.can_load(uri):
+                return source
+        raise UserError(
+            f"no dataset source reads {uri!r}; give an existing folder, a CSV manifest, "
+            "or builtin:digits")
+
+    def backbone_provider(self, name: str) -> Any | None:
+        for provider in self.backbones:
+            if provider.matches(name):
+                return provider
+        return None
+
+
+def _import_plugin(spec: str) -> Any:
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec)
+            module_spec = importlib.util.spec_from_file_location(f"autotransfer_plugin_{path.stem}", path)
+            if module_spec is None or not path.is_file():
+                raise FileNotFoundError(f"no such file {spec}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(spec)
+    except Exception as exc:  # a broken plugin must not crash the CLI with a traceback
+        raise UserError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=8)
+def plugin_manager(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
+    """Built-ins, then installed entry points, then AUTOTRANSFER_PLUGINS, then --plugin."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTIN_MODULES:
+        pm.register(importlib.import_module(name), name=name)
+    try:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    except Exception as exc:
+        raise UserError(f"an installed autotransfer plugin failed to load: {type(exc).__name__}: {exc}") from None
+    env_specs = [s for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
+    for spec in [*env_specs, *extra]:
+        spec = spec.strip()
+        if pm.has_plugin(spec):
+            continue
+        pm.register(_import_plugin(spec), name=spec)
+    return pm
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
+    hook = getattr(pm.hook, hook_name)
+    items: list[Any] = []
+    owners: dict[str, str] = {}
+    for impl in reversed(hook.get_hookimpls()):  # pluggy calls last-registered first
+        try:
+            provided = impl.function() or []
+        except Exception as exc:
+            raise UserError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from None
+        for item in provided:
+            if item.name in owners:
+                raise UserError(
+                    f"{hook_name}: {item.name!r} is registered by both {owners[item.name]!r} "
+                    f"and {impl.plugin_name!r}; uninstall or rename one")
+            owners[item.name] = impl.plugin_name
+            items.append((impl.plugin_name in BUILTIN_MODULES, item))
+    # Plugins before built-ins so a plugin can serve a name the built-in pattern would match.
+    return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+
+
+@lru_cache(maxsize=8)
+def registries(extra: tuple[str, ...] = ()) -> Registries:
+    pm = plugin_manager(extra)
+    return Registries(
+        datasets=_collect(pm, "autotransfer_dataset_sources"),
+        backbones=_collect(pm, "autotransfer_backbone_providers"),
+    )

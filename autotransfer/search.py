@@ -1,0 +1,351 @@
+"""The search driver: study, storage, sampler, pruner, and the objective that trains one trial.
+
+All search state lives in the Optuna storage, the configuration included, so a study can be
+resumed (or joined) from its storage URL and name alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+
+from . import leaderboard
+from .backbones import BackboneInfo, WeightsRequest, provider_for
+from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, SearchConfig
+from .data import PreparedData, prepare
+from .errors import UserError
+from .model import ModelCard, assemble, save_model
+from .plugins import registries
+from .space import TrialParams, suggest
+from .tracking import TrialLog
+from .trainer import EpochStats, NonFiniteLoss, TrialInputs, train
+
+log = logging.getLogger(__name__)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+ELAPSED_ATTR = "autotransfer_elapsed_s"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunOptions:
+    """How this process runs the search; none of it changes what is searched."""
+
+    out: Path
+    storage: str
+    study_name: str
+    device: str = "auto"
+    quiet: bool = False
+    plugins: tuple[str, ...] = ()
+    memory_budget: int | None = None
+
+
+# --------------------------------------------------------------------------- naming and storage
+
+def default_study_name(dataset: str) -> str:
+    if dataset.startswith("builtin:"):
+        base = dataset.split(":", 1)[1]
+    else:
+        path = Path(dataset.rstrip("/\\"))
+        base = path.stem if path.suffix.lower() == ".csv" else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "study"
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+
+
+def _sqlite_missing(storage: str) -> bool:
+    if not storage.startswith("sqlite:///"):
+        return False
+    path = storage[len("sqlite:///"):]
+    return path not in ("", ":memory:") and not Path(path).exists()
+
+
+def stored_config(storage: str, study_name: str) -> SearchConfig | None:
+    """The configuration saved in an existing study, or None when there is no such study."""
+    if _sqlite_missing(storage):
+        return None
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:
+        raise UserError(f"cannot open storage {storage!r}: {type(exc).__name__}: {exc}") from None
+    if study_name not in names:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    data = study.user_attrs.get(CONFIG_ATTR)
+    if data is None:
+        raise UserError(f"study {study_name!r} in {storage} was not created by autotransfer; use another --study name")
+    return SearchConfig.from_dict(data)
+
+
+def merge_config(explicit: dict, stored: SearchConfig | None) -> SearchConfig:
+    """Stored settings plus the flags given now; a changed search-defining flag is an error."""
+    if stored is None:
+        if "dataset" not in explicit:
+            raise UserError("--dataset is required to start a new study")
+        return SearchConfig(**explicit).validate()
+    merged = SearchConfig.from_dict({**stored.to_dict(), **explicit})
+    conflicts = merged.conflicts_with(stored)
+    if conflicts:
+        detail = "; ".join(f"{k}: stored {getattr(stored, k)!r}, given {getattr(merged, k)!r}" for k in conflicts)
+        raise UserError(f"this study was created with other settings ({detail}); repeat the stored values, "
+                        "or start a new study with --study NAME")
+    return merged.validate()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for a GPU but CUDA sees none; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def trial_inputs(info: BackboneInfo, config: SearchConfig, device: torch.device) -> TrialInputs:
+    """Crop size: --image-size, else the backbone's pretrained size (capped on CPU)."""
+    pre = info.preprocessing
+    size = config.image_size or (pre.input_size if device.type == "cuda" else min(pre.input_size, CPU_IMAGE_SIZE_CAP))
+    return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
+
+
+def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
+    return WeightsRequest(pretrained=config.pretrained, file=config.weights.get(backbone))
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """Trial, epoch and current best on stderr; silent with --quiet."""
+
+    def __init__(self, quiet: bool, total: int | None):
+        self.quiet, self.total = quiet, total
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def trial_started(self, number: int, params: TrialParams) -> None:
+        head = params.head.kind + (f"({params.head.hidden}, p={params.head.dropout:.2f})" if params.head.kind == "mlp" else "")
+        self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
+                 f"head {head} {params.optimizer} lr {params.lr:.2e}")
+
+    def epoch(self, number: int, stats: EpochStats, epochs: int, best: float | None) -> None:
+        best_text = "-" if best is None else f"{best:.4f}"
+        self.say(f"  trial {number} epoch {stats.epoch}/{epochs}: loss {stats.train_loss:.4f} "
+                 f"val_acc {stats.val_accuracy:.4f} ({stats.seconds:.1f}s) best {best_text}")
+
+
+# --------------------------------------------------------------------------- the search
+
+@dataclass
+class Search:
+    config: SearchConfig
+    options: RunOptions
+    device: torch.device = field(init=False)
+    infos: dict[str, BackboneInfo] = field(init=False, default_factory=dict)
+    data: PreparedData | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.options.device)
+        self.registries = registries(tuple(self.options.plugins))
+        self.out = Path(self.options.out)
+
+    # -- preparation: everything that can fail on bad input happens before any trial runs
+    def prepare(self) -> None:
+        for name in self.config.backbones:
+            self.infos[name] = provider_for(name, self.registries).describe(name)
+        refs = self.registries.dataset_source(self.config.dataset).load(self.config.dataset)
+        decode_size = max(trial_inputs(info, self.config, self.device).resize_size for info in self.infos.values())
+        self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
+                            memory_budget=self.options.memory_budget)
+        for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
+            provider_for(name, self.registries).create(name, weights_request(self.config, name))
+
+    def open_study(self) -> optuna.Study:
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            study = optuna.create_study(study_name=self.options.study_name, storage=self.options.storage,
+                                        direction="maximize", pruner=self._pruner(), load_if_exists=True)
+        except Exception as exc:
+            raise UserError(f"cannot open storage {self.options.storage!r}: {type(exc).__name__}: {exc}") from None
+        study.sampler = self._sampler(previous_trials=len(study.trials))
+        study.set_user_attr(CONFIG_ATTR, self.config.to_dict())
+        (self.out / RUN_FILE).write_text(json.dumps({"storage": self.options.storage,
+                                                      "study": self.options.study_name}, indent=2) + "\n")
+        return study
+
+    def _sampler(self, previous_trials: int) -> optuna.samplers.BaseSampler:
+        """Seeded TPE; a resumed study offsets the seed so it does not replay the first run's draws."""
+        startup = max(3, min(10, (self.config.trials or 40) // 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=self.config.seed + previous_trials, multivariate=True, group=True,
+                                              constant_liar=True, n_startup_trials=startup)
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        if self.config.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        if self.config.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.config.epochs, reduction_factor=3)
+        return optuna.pruners.NopPruner()
+
+    # -- the run
+    def run(self) -> optuna.Study:
+        self.prepare()
+        study = self.open_study()
+        progress = Progress(self.options.quiet, self.config.trials)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        elapsed_before = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
+        timeout = None if self.config.timeout is None else self.config.timeout - elapsed_before
+        if (self.config.trials is not None and finished >= self.config.trials) or (timeout is not None and timeout <= 0):
+            progress.say(f"budget already spent: {finished} finished trial(s), {elapsed_before:.0f}s searched; "
+                         "raise --trials or --timeout to continue")
+        else:
+            if finished:
+                progress.say(f"resuming study {self.options.study_name!r}: {finished} finished trial(s) kept")
+            self._optimize(study, progress, timeout, elapsed_before)
+        self.finish(study)
+        return study
+
+    def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
+        started = time.monotonic()
+        failures = {"count": 0}
+        max_failures = max(3, self.config.trials or 10)
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            study.set_user_attr(ELAPSED_ATTR, elapsed_before + time.monotonic() - started)
+            if trial.state == optuna.trial.TrialState.FAIL:
+                failures["count"] += 1
+                progress.say(f"trial {trial.number} failed: {trial.user_attrs.get('reason', 'unknown error')}")
+                if failures["count"] >= max_failures:
+                    progress.say(f"stopping: {failures['count']} trials failed in this run")
+                    study.stop()
+            elif trial.state == optuna.trial.TrialState.PRUNED:
+                progress.say(f"trial {trial.number} pruned: {trial.user_attrs.get('reason', '')}")
+            else:
+                progress.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
+
+        callbacks = [after_trial]
+        if self.config.trials is not None:
+            callbacks.insert(0, optuna.study.MaxTrialsCallback(self.config.trials, states=FINISHED))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(lambda trial: self.objective(study, trial, progress), n_trials=None, timeout=timeout,
+                           callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+
+    def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
+        params = suggest(trial, self.config, lambda name: self.infos[name].num_stages)
+        info = self.infos[params.backbone]
+        inputs = trial_inputs(info, self.config, self.device)
+        request = weights_request(self.config, params.backbone)
+        trial.set_user_attr("frozen_stages", params.frozen_stages)
+        trial.set_user_attr("num_stages", params.num_stages)
+        trial.set_user_attr("pretrained", request.label)
+        trial.set_user_attr("image_size", inputs.image_size)
+        progress.trial_started(trial.number, params)
+        tracker = TrialLog(self.out / "tensorboard", trial.number)
+        start = time.perf_counter()
+        state, value, model = "FAIL", None, None
+        try:
+            backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
+            model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
+            trainable, total = model.parameter_counts()
+            trial.set_user_attr("trainable_params", trainable)
+            trial.set_user_attr("total_params", total)
+            trial.set_user_attr("weights_source", backbone.source)
+
+            def on_epoch(stats: EpochStats) -> None:
+                tracker.epoch(stats)
+                trial.set_user_attr("epochs_done", stats.epoch)
+                trial.report(stats.val_accuracy, stats.epoch)
+                progress.epoch(trial.number, stats, self.config.epochs, _best_value(study))
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
+                                             f"with val_acc {stats.val_accuracy:.4f}")
+
+            history = train(model, self.data.train.at_size(inputs.resize_size), self.data.val.at_size(inputs.resize_size),
+                            inputs, optimizer_name=params.optimizer, lr=params.lr, epochs=self.config.epochs,
+                            batch_size=self.config.batch_size, device=self.device,
+                            seed=self.config.seed + trial.number, on_epoch=on_epoch)
+            value = history[-1].val_accuracy
+            best = _best_value(study)
+            if best is None or value > best:
+                card = ModelCard(
+                    backbone=params.backbone, weights_source=backbone.source, pretrained=request.label != "random init",
+                    head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
+                    image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
+                    mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, trial=trial.number)
+                save_model(model, card, self.out / "best")
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned as exc:
+            state = "PRUNED"
+            trial.set_user_attr("reason", str(exc))
+            raise
+        except NonFiniteLoss as exc:
+            state = "PRUNED"
+            trial.set_user_attr("reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        except torch.cuda.OutOfMemoryError:
+            trial.set_user_attr("reason", "oom: CUDA out of memory; lower --batch-size or --image-size")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            duration = time.perf_counter() - start
+            trial.set_user_attr("duration_s", round(duration, 3))
+            tracker.finish(_hparams(params, request.label), value, state)
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def finish(self, study: optuna.Study) -> None:
+        frame = leaderboard.leaderboard_frame(study)
+        leaderboard.write(frame, self.out)
+        best_card = self.out / "best" / "model.json"
+        if best_card.exists():
+            saved = json.loads(best_card.read_text()).get("trial")
+            try:
+                best_number = study.best_trial.number
+            except ValueError:
+                best_number = None
+            if best_number is not None and saved != best_number:
+                log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
+                            saved, best_number)
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:
+        return None
+
+
+def _hparams(params: TrialParams, pretrained: str) -> dict:
+    return {
+        "backbone": params.backbone, "pretrained": pretrained, "frozen_stages": params.frozen_stages,
+        "head": params.head.kind, "head_hidden": params.head.hidden or 0, "head_dropout": params.head.dropout,
+        "lr": params.lr, "optimizer": params.optimizer,
+    }
