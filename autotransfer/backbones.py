@@ -38,6 +38,7 @@ class BackboneInfo:
     num_stages: int
     num_features: int
     preprocessing: Preprocessing
+    fixed_input_size: bool = False  # only the pretrained input size works (e.g. Swin)
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,10 @@ class TimmProvider:
                         template.stages, template.preprocessing, template.source)
 
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        import timm
-
         info = self.describe(model_name)
         cfg = _pretrained_cfg(model_name)
         if weights.file:
-            module = timm.create_model(model_name, pretrained=False, num_classes=0)
+            module = _create_timm(model_name)
             classifiers = cfg.get("classifier") or ()
             classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
             load_into(module, read_state_dict(weights.file), name=model_name, origin=weights.file,
@@ -196,7 +195,7 @@ class TimmProvider:
             module = _load_from_hub(model_name, cfg)
             source = f"hf-hub:{cfg.get('hf_hub_id') or cfg.get('url')}"
         else:
-            module = timm.create_model(model_name, pretrained=False, num_classes=0)
+            module = _create_timm(model_name)
             source = "random init"
         return Backbone(module, info.num_features, timm_stages(module), info.preprocessing, source)
 
@@ -214,12 +213,36 @@ def _pretrained_cfg(model_name: str) -> dict:
 
 
 @lru_cache(maxsize=None)
+def _create_kwargs(model_name: str) -> tuple[tuple[str, bool], ...]:
+    """ViTs with a fixed patch grid get `dynamic_img_size` so any crop size works."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    if getattr(getattr(model, "patch_embed", None), "strict_img_size", False):
+        try:
+            with torch.device("meta"):
+                timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+            return (("dynamic_img_size", True),)
+        except TypeError:
+            return ()
+    return ()
+
+
+def _create_timm(model_name: str, pretrained: bool = False) -> nn.Module:
+    import timm
+
+    return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **dict(_create_kwargs(model_name)))
+
+
+@lru_cache(maxsize=None)
 def _describe_timm(model_name: str) -> BackboneInfo:
     import timm
 
     cfg = _pretrained_cfg(model_name)
     with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **dict(_create_kwargs(model_name)))
+    patch_embed = getattr(model, "patch_embed", None)
     cfg = {**cfg, **getattr(model, "pretrained_cfg", {})}
     preprocessing = Preprocessing(
         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
@@ -227,18 +250,23 @@ def _describe_timm(model_name: str) -> BackboneInfo:
         std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
-    return BackboneInfo(model_name, len(timm_stages(model)), int(model.num_features), preprocessing)
+    # timm marks every ViT fixed-size; with dynamic_img_size the module itself says otherwise.
+    if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
+        fixed = bool(patch_embed.strict_img_size)
+    else:
+        fixed = bool(cfg.get("fixed_input_size", False))
+    # Models with a pre-logits conv (MobileNetV3) pool to head_hidden_size, not num_features.
+    features = getattr(model, "head_hidden_size", None) or model.num_features
+    return BackboneInfo(model_name, len(timm_stages(model)), int(features), preprocessing, fixed)
 
 
 def _load_from_hub(model_name: str, cfg: dict) -> nn.Module:
     """Pretrained weights through timm (hub, or the local HF cache when offline); never random."""
-    import timm
-
     if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
                                  f"timm knows no pretrained weights for this name; {_ways_out(model_name)}")
     try:
-        return timm.create_model(model_name, pretrained=True, num_classes=0)
+        return _create_timm(model_name, pretrained=True)
     except Exception as exc:
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
                                  f"{_hub_failure_reason(cfg, exc)}; {_ways_out(model_name)}") from None

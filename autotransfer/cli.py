@@ -107,8 +107,8 @@ def _search(args: argparse.Namespace) -> int:
               "run the same command again to resume", file=sys.stderr)
         return 130
     frame = leaderboard.leaderboard_frame(study)
+    print(leaderboard.to_markdown(frame))
     if not options.quiet:
-        print(leaderboard.to_markdown(frame))
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
     return 0

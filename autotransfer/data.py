@@ -162,6 +162,9 @@ def decode_image(ref: ImageRef, size: int) -> torch.Tensor:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits (convert() clips nearly all to white)
+        grey = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -191,18 +194,29 @@ def _try_decode(ref: ImageRef, size: int) -> torch.Tensor | None:
 
 
 def _try_verify(ref: ImageRef) -> bool:
-    if isinstance(ref, np.ndarray):
-        return True
-    try:
-        with Image.open(ref) as image:
-            image.verify()
-        return True
-    except Exception:
-        return False
+    """Whether a file decodes, checked cheaply (small size, JPEGs at reduced scale). `verify()` alone
+    passes truncated JPEGs, which then crash a DataLoader worker mid-epoch instead of being skipped."""
+    return _try_decode(ref, 32) is not None
 
 
 def _describe(ref: ImageRef) -> str:
     return str(ref) if isinstance(ref, Path) else "<array>"
+
+
+def native_size(refs: Sequence[ImageRef], sample: int = 64) -> int:
+    """Median short side of a spread sample of the images, read from headers only."""
+    step = max(1, len(refs) // sample)
+    sides = []
+    for ref in list(refs)[::step][:sample]:
+        if isinstance(ref, np.ndarray):
+            sides.append(min(ref.shape[:2]))
+            continue
+        try:
+            with Image.open(ref) as image:
+                sides.append(min(image.size))
+        except Exception:
+            continue
+    return int(np.median(sides)) if sides else 224
 
 
 def memory_budget_bytes() -> int:
@@ -337,7 +351,8 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
         raise UserError(f"dataset {refs.name!r} has no readable images ({n} files tried); check the path and formats")
     keep = np.flatnonzero(ok)
     labels = refs.labels[keep]
-    splits = refs.splits[keep] if refs.splits is not None else _stratified_split(labels, refs.class_names, val_fraction, seed)
+    splits = (refs.splits[keep] if refs.splits is not None
+              else _stratified_split(labels, refs.class_names, val_fraction, seed, refs.name))
     _check_classes(labels, splits, refs.class_names, refs.name)
 
     def subset(split: str) -> ImageSet:
@@ -351,7 +366,8 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
     return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped)
 
 
-def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: float, seed: int) -> np.ndarray:
+def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: float, seed: int,
+                      name: str) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(labels, minlength=len(class_names))
@@ -359,11 +375,13 @@ def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: 
         lonely = class_names[int(np.flatnonzero(counts == 1)[0])]
         raise UserError(f"class {lonely!r} has a single readable image; a train/val split needs at least 2 per class")
     if len(np.flatnonzero(counts)) < 2:
-        _check_classes(labels, np.array(["train"] * len(labels)), class_names, "dataset")
+        _check_classes(labels, np.array(["train"] * len(labels)), class_names, name)
     index = np.arange(len(labels))
-    val_size = max(int(math.ceil(val_fraction * len(labels))), len(np.flatnonzero(counts)))
-    if val_size >= len(labels):
-        raise UserError(f"--val-fraction {val_fraction} leaves no training images; lower it")
+    present = len(np.flatnonzero(counts))
+    val_size = max(int(math.ceil(val_fraction * len(labels))), present)
+    if len(labels) - val_size < present:  # a stratified split needs a training image per class
+        raise UserError(f"--val-fraction {val_fraction} leaves {max(0, len(labels) - val_size)} training image(s) "
+                        f"for {present} classes; lower it")
     _, val_index = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
     splits = np.full(len(labels), "train", dtype=object)
     splits[val_index] = "val"
@@ -373,7 +391,7 @@ def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: 
 def _check_classes(labels: np.ndarray, splits: np.ndarray, class_names: list[str], name: str) -> None:
     present = np.unique(labels)
     if len(present) < 2:
-        only = class_names[int(present[0])] if len(present) else "none"
+        only = repr(class_names[int(present[0])]) if len(present) else "none"
         raise UserError(f"dataset {name!r} has a single class ({only}); transfer learning needs at least 2 classes")
     train_classes = set(np.unique(labels[splits == "train"]).tolist())
     missing = [class_names[i] for i in present if i not in train_classes]

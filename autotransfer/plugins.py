@@ -29,9 +29,13 @@ class Registries:
         for source in self.datasets:
             if source.can_load(uri):
                 return source
-        raise UserError(
-            f"no dataset source reads {uri!r}; give an existing folder, a CSV manifest, "
-            "or builtin:digits")
+        from pathlib import Path
+
+        if not uri.startswith("builtin:") and not Path(uri).exists():
+            raise UserError(f"--dataset {uri!r}: no such file or folder; give an image folder, "
+                            "a CSV manifest (path,label[,split]) or builtin:digits")
+        raise UserError(f"no dataset source reads {uri!r}; give an image folder, a CSV manifest "
+                        "(path,label[,split]), builtin:digits, or load a plugin that reads it (--plugin)")
 
     def backbone_provider(self, name: str) -> Any | None:
         for provider in self.backbones:

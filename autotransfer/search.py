@@ -23,7 +23,7 @@ import torch
 from . import leaderboard
 from .backbones import BackboneInfo, WeightsRequest, provider_for
 from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, SearchConfig
-from .data import PreparedData, prepare
+from .data import PreparedData, native_size, prepare
 from .errors import UserError
 from .model import ModelCard, assemble, save_model
 from .plugins import registries
@@ -121,10 +121,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def trial_inputs(info: BackboneInfo, config: SearchConfig, device: torch.device) -> TrialInputs:
-    """Crop size: --image-size, else the backbone's pretrained size (capped on CPU)."""
+def trial_inputs(info: BackboneInfo, config: SearchConfig, device: torch.device, native_size: int) -> TrialInputs:
+    """Crop size: --image-size, else the backbone's pretrained size, capped on CPU and at 4x the
+    images' own size (an 8 px digit gains nothing from 160 px); fixed-size models keep theirs."""
     pre = info.preprocessing
-    size = config.image_size or (pre.input_size if device.type == "cuda" else min(pre.input_size, CPU_IMAGE_SIZE_CAP))
+    if info.fixed_input_size:
+        size = pre.input_size
+    elif config.image_size:
+        size = config.image_size
+    else:
+        cap = CPU_IMAGE_SIZE_CAP if device.type == "cpu" else pre.input_size
+        size = max(32, min(pre.input_size, cap, 4 * native_size))
     return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
 
 
@@ -175,11 +182,15 @@ class Search:
         for name in self.config.backbones:
             self.infos[name] = provider_for(name, self.registries).describe(name)
         refs = self.registries.dataset_source(self.config.dataset).load(self.config.dataset)
-        decode_size = max(trial_inputs(info, self.config, self.device).resize_size for info in self.infos.values())
+        self.native_size = native_size(refs.refs)
+        decode_size = max(self._inputs(info).resize_size for info in self.infos.values())
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
             provider_for(name, self.registries).create(name, weights_request(self.config, name))
+
+    def _inputs(self, info: BackboneInfo) -> TrialInputs:
+        return trial_inputs(info, self.config, self.device, self.native_size)
 
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +267,7 @@ class Search:
     def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
         params = suggest(trial, self.config, lambda name: self.infos[name].num_stages)
         info = self.infos[params.backbone]
-        inputs = trial_inputs(info, self.config, self.device)
+        inputs = self._inputs(info)
         request = weights_request(self.config, params.backbone)
         trial.set_user_attr("frozen_stages", params.frozen_stages)
         trial.set_user_attr("num_stages", params.num_stages)

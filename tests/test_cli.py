@@ -1,0 +1,194 @@
+"""End-to-end tests of the `autotransfer` command line with tiny timm models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from PIL import Image
+
+from autotransfer.cli import main
+from autotransfer.leaderboard import COLUMNS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+needs_shared = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} is absent (no ../shared beside the checkout)")
+
+
+def finished_trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return optuna.load_study(study_name=study, storage=storage).get_trials(states=states)
+
+
+def test_digits_search_writes_outputs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "d"
+    args = ["search", "--dataset", "builtin:digits", "--backbones", "test_resnet,test_efficientnet",
+            "--no-pretrained", "--epochs", "3", "--out", str(out)]
+    assert main([*args, "--trials", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "| rank" in printed and "test_" in printed
+
+    frame = pd.read_csv(out / "leaderboard.csv")
+    assert list(frame.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(frame) >= 6
+    assert (frame["pretrained"] == "random init").all()
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert complete["val_accuracy"].is_monotonic_decreasing
+    assert complete["rank"].tolist() == list(range(1, len(complete) + 1))
+    assert (frame["trainable_params"] <= frame["total_params"]).all()
+    assert (out / "leaderboard.md").read_text().startswith("| rank")
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "model.json").is_file()
+    runs = sorted((out / "tensorboard").iterdir())
+    assert len(runs) == len(frame)
+    assert all(any(f.name.startswith("events.out.tfevents") for f in run.iterdir()) for run in runs)
+
+    storage = f"sqlite:///{out / 'study.db'}"
+    assert len(finished_trials(storage, "digits")) == 6
+    assert main([*args, "--trials", "8", "--quiet"]) == 0
+    assert len(finished_trials(storage, "digits")) == 8
+    # The configuration lives in the study: storage URL and study name alone resume it.
+    assert main(["search", "--storage", storage, "--study", "digits", "--out", str(out), "--trials", "8", "--quiet"]) == 0
+    assert len(finished_trials(storage, "digits")) == 8
+
+
+def test_tensorboard_has_scalars_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["search", "--dataset", "builtin:digits", "--backbones", "test_resnet", "--no-pretrained",
+                 "--trials", "1", "--epochs", "2", "--out", str(out), "--quiet", "--frozen-stages", "all"]) == 0
+    events = EventAccumulator(str(out / "tensorboard" / "trial_0000"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/accuracy", "lr"} <= set(tags["scalars"])
+    assert len(events.Scalars("val/accuracy")) == 2
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+
+
+def test_changed_search_space_on_resume_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["search", "--dataset", "builtin:digits", "--no-pretrained", "--epochs", "1", "--out", str(out),
+            "--quiet", "--trials", "1", "--frozen-stages", "all"]
+    assert main([*base, "--backbones", "test_resnet"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--backbones", "test_vit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "backbones" in err and "--study" in err
+
+
+def write_digit_folder(root: Path, per_class: int = 30) -> None:
+    """Digits 0-2 as 8x8 grayscale PNGs in train/ and val/ folders."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(n_class=3)
+    counts: dict[tuple[str, int], int] = {}
+    for image, label in zip(digits.images, digits.target):
+        seen = counts.get(("all", label), 0)
+        if seen >= per_class:
+            continue
+        counts[("all", label)] = seen + 1
+        split = "val" if seen % 3 == 0 else "train"
+        folder = root / split / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L").save(folder / f"{seen:03d}.png")
+
+
+def test_predict_reproduces_leaderboard_accuracy(tmp_path):
+    data = tmp_path / "digits"
+    write_digit_folder(data)
+    (data / "train" / "digit0" / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    assert main(["search", "--dataset", str(data), "--backbones", "test_resnet,test_vit", "--no-pretrained",
+                 "--trials", "3", "--epochs", "2", "--out", str(out), "--quiet", "--pruner", "none"]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    best = board.iloc[0]
+    assert best["state"] == "COMPLETE" and best["rank"] == 1
+
+    preds_file = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(out / "best"), str(data / "val"), "--output", str(preds_file)]) == 0
+    preds = pd.read_csv(preds_file)
+    assert list(preds.columns) == ["path", "label", "confidence"]
+    assert preds["confidence"].between(0, 1).all()
+    truth = preds["path"].map(lambda p: Path(p).parent.name)
+    assert len(preds) == len(list((data / "val").rglob("*.png")))
+    assert (preds["label"] == truth).mean() == pytest.approx(best["val_accuracy"], abs=1e-9)
+
+
+def test_leaderboard_command_rebuilds_from_storage(tmp_path, capsys):
+    out = tmp_path / "lb"
+    assert main(["search", "--dataset", "builtin:digits", "--backbones", "test_efficientnet", "--no-pretrained",
+                 "--trials", "2", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(out), "--format", "csv"]) == 0
+    from io import StringIO
+
+    rebuilt = pd.read_csv(StringIO(capsys.readouterr().out))
+    written = pd.read_csv(out / "leaderboard.csv")
+    pd.testing.assert_frame_equal(rebuilt.drop(columns=["duration_s"]), written.drop(columns=["duration_s"]))
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def bad_inputs(tmp: Path) -> dict[str, list[str]]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    one = tmp / "one" / "only"
+    one.mkdir(parents=True)
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(one / "a.png")
+    Image.new("RGB", (16, 16), (3, 2, 1)).save(one / "b.png")
+    csv_file = tmp / "bad.csv"
+    csv_file.write_text("file,label\na.png,x\n")
+    common = ["--no-pretrained", "--epochs", "1", "--out", str(tmp / "out")]
+    return {
+        "missing path": ["search", "--dataset", str(tmp / "nope"), *common],
+        "empty folder": ["search", "--dataset", str(empty), *common],
+        "one class": ["search", "--dataset", str(tmp / "one"), "--backbones", "test_resnet", *common],
+        "csv missing column": ["search", "--dataset", str(csv_file), "--backbones", "test_resnet", *common],
+        "unknown backbone": ["search", "--dataset", "builtin:digits", "--backbones", "resnet1B", *common],
+        "trials 0": ["search", "--dataset", "builtin:digits", "--trials", "0", *common],
+        "unknown pruner": ["search", "--dataset", "builtin:digits", "--pruner", "fastest", *common],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing path", "empty folder", "one class", "csv missing column",
+                                  "unknown backbone", "trials 0", "unknown pruner"])
+def test_bad_input_exits_2_with_one_line(tmp_path, case):
+    result = run_cli(*bad_inputs(tmp_path)[case])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("autotransfer") and "error" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unavailable_pretrained_weights_stop_with_ways_out(tmp_path):
+    result = run_cli("search", "--dataset", "builtin:digits", "--backbones", "test_resnet.r160_in1k",
+                     "--trials", "1", "--epochs", "1", "--out", str(tmp_path / "w"),
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    for needle in ("test_resnet.r160_in1k", "HF_HUB_OFFLINE", "--weights", "Hugging Face cache", "--no-pretrained"):
+        assert needle in message
+
+
+@needs_shared
+def test_hymenoptera_random_init_search(tmp_path):
+    out = tmp_path / "hym"
+    result = run_cli("search", "--dataset", str(HYMENOPTERA), "--backbones", "resnet18", "--no-pretrained",
+                     "--trials", "1", "--epochs", "1", "--image-size", "64", "--frozen-stages", "3",
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert board.loc[0, "state"] == "COMPLETE" and board.loc[0, "pretrained"] == "random init"
+    assert "Traceback" not in result.stderr
