@@ -265,8 +265,15 @@ def _load_from_hub(model_name: str, cfg: dict) -> nn.Module:
     if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
                                  f"timm knows no pretrained weights for this name; {_ways_out(model_name)}")
+    import timm
+
     try:
-        return _create_timm(model_name, pretrained=True)
+        # Create with the checkpoint's own class count so timm loads strictly (with num_classes=0
+        # it would load non-strictly and leave missing tensors random), then drop the classifier.
+        module = timm.create_model(model_name, pretrained=True, num_classes=cfg.get("num_classes", 1000),
+                                   **dict(_create_kwargs(model_name)))
+        module.reset_classifier(0)
+        return module
     except Exception as exc:
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
                                  f"{_hub_failure_reason(cfg, exc)}; {_ways_out(model_name)}") from None
@@ -276,11 +283,13 @@ def _hub_failure_reason(cfg: dict, exc: Exception) -> str:
     from huggingface_hub import constants
 
     repo = cfg.get("hf_hub_id") or cfg.get("url")
+    text = " ".join(str(exc).split())
+    if "loading state_dict" in text:
+        return f"the checkpoint of {repo} does not fit the model ({text[:300]})"
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if offline:
         return f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"downloading {repo} failed (offline or blocked?): {type(exc).__name__}: {first_line}"
+    return f"downloading {repo} failed (offline or blocked?): {type(exc).__name__}: {text[:300]}"
 
 
 # --------------------------------------------------------------------------- lookup

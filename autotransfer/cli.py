@@ -155,26 +155,26 @@ def _predict(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .plugins import plugin_manager, registries
+    from .plugins import HOOKS, plugin_manager
 
     pm = plugin_manager(tuple(args.plugin))
-    regs = registries(tuple(args.plugin))
-    dists = {plugin: dist for plugin, dist in pm.list_plugin_distinfo()}
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     for name, plugin in pm.list_name_plugin():
-        dist = dists.get(plugin)
+        dist = dists.get(id(plugin))
         if dist is not None:
             label = f"{dist.project_name} {dist.version}"
-        else:
+        elif name.startswith(f"{PROG}."):
             try:
-                label = f"{PROG} {version(PROG)}" if name.startswith(PROG) else name
+                label = f"built-in, {PROG} {version(PROG)}"
             except PackageNotFoundError:
-                label = name
-        owned = [f"dataset:{s.name}" for s in regs.datasets if type(s).__module__.startswith(plugin.__name__.rsplit('.', 1)[0])]
+                label = "built-in"
+        else:
+            label = "not installed as a package"
         print(f"{name} ({label})")
-        for hook in ("autotransfer_dataset_sources", "autotransfer_backbone_providers"):
+        for hook, kind in HOOKS.items():
             impl = getattr(plugin, hook, None)
             if impl is not None:
-                print(f"  {hook.split('_', 1)[1]}: {', '.join(item.name for item in impl())}")
+                print(f"  {kind}: {', '.join(item.name for item in impl())}")
     return 0
 
 

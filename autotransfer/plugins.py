@@ -18,6 +18,7 @@ from .errors import UserError
 
 ENV_VAR = "AUTOTRANSFER_PLUGINS"
 BUILTIN_MODULES = ("autotransfer.builtin",)
+HOOKS = {"autotransfer_dataset_sources": "datasets", "autotransfer_backbone_providers": "backbones"}
 
 
 @dataclass(frozen=True)

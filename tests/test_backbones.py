@@ -322,9 +322,6 @@ def test_pretrained_weights_from_offline_hf_cache(tmp_path):
     assert "hf-hub:timm/test_resnet.r160_in1k" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: timm loads hub weights with strict=False when num_classes=0, "
-                                       "so a cached checkpoint lacking backbone tensors silently leaves "
-                                       "them at random init instead of raising WeightsUnavailable")
 def test_incomplete_hf_checkpoint_is_refused(tmp_path):
     hf_home = tmp_path / "hf"
     state = _distinctive_state("test_resnet", seed=5)

@@ -457,14 +457,15 @@ def test_error_empty_refs():
 
 def test_error_single_class_plain(tmp_path):
     _class_folders(tmp_path, {"only": 4})
-    with pytest.raises(UserError, match=r"single class \(only\)"):
+    with pytest.raises(UserError, match=r"single class \('only'\)") as info:
         prepare(FolderSource().load(str(tmp_path)), SIZE, val_fraction=0.25, seed=0)
+    assert f"dataset {tmp_path.name!r}" in str(info.value)  # names the dataset, not a placeholder
 
 
 def test_error_single_class_with_split_dirs(tmp_path):
     _class_folders(tmp_path / "train", {"only": 3})
     _class_folders(tmp_path / "val", {"only": 1}, seed=77)
-    with pytest.raises(UserError, match=r"single class \(only\)"):
+    with pytest.raises(UserError, match=r"single class \('only'\)"):
         prepare(FolderSource().load(str(tmp_path)), SIZE, val_fraction=0.25, seed=0)
 
 
@@ -474,7 +475,7 @@ def test_error_single_readable_class(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.png").write_bytes(b"")
     (tmp_path / "b" / "y.png").write_bytes(b"")
-    with pytest.raises(UserError, match=r"single class \(a\)"):
+    with pytest.raises(UserError, match=r"single class \('a'\)"):
         prepare(FolderSource().load(str(tmp_path)), SIZE, val_fraction=0.25, seed=0)
 
 
