@@ -98,6 +98,9 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, name: str, o
     """Load `state` into `module`, every backbone tensor required; classifier keys may be ignored."""
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else state
     expected = module.state_dict()
+    # One-element tensors saved as (1,) for a 0-dim buffer (num_batches_tracked) fit, as in torch.
+    state = {k: v.reshape(expected[k].shape) if k in expected and v.numel() == 1 == expected[k].numel() else v
+             for k, v in state.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]

@@ -174,7 +174,9 @@ def _plugins(args: argparse.Namespace) -> int:
         for hook, kind in HOOKS.items():
             impl = getattr(plugin, hook, None)
             if impl is not None:
-                print(f"  {kind}: {', '.join(item.name for item in impl())}")
+                items = [f"{item.name} ({', '.join(item.names)})" if getattr(item, "names", None) else item.name
+                         for item in impl()]
+                print(f"  {kind}: {', '.join(items)}")
     return 0
 
 

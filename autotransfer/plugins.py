@@ -77,7 +77,9 @@ def plugin_manager(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
         spec = spec.strip()
         if pm.has_plugin(spec):
             continue
-        pm.register(_import_plugin(spec), name=spec)
+        module = _import_plugin(spec)
+        if not pm.is_registered(module):  # already loaded as an installed entry point
+            pm.register(module, name=spec)
     return pm
 
 

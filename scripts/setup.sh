@@ -12,4 +12,8 @@ if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(torch.__versi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
   2> >(grep -v "is ignored: it is neither" >&2)
+for plugin in plugins/*/pyproject.toml; do  # the example plugin packages, so their tests run too
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e "$(dirname "$plugin")" \
+    2> >(grep -v "is ignored: it is neither" >&2)
+done
 .venv/bin/python -c "import autotransfer, torch, timm, optuna; print(f'autotransfer {autotransfer.__version__}: torch {torch.__version__}, timm {timm.__version__}, optuna {optuna.__version__}')"

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ $# -eq 0 ]; then
+  set -- tests plugins
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
