@@ -157,14 +157,33 @@ def frozen_submodules(module: nn.Module) -> list[nn.Module]:
 
 # --------------------------------------------------------------------------- timm provider
 
-class TimmProvider:
-    """Every timm model name, with or without a pretrained tag."""
+class CachedProvider:
+    """Base for providers: `_build` once per (name, weights), then hand out deep copies.
 
-    name = "timm"
+    Trials must not share parameters, and re-reading weights for every trial is wasted I/O.
+    """
 
     def __init__(self) -> None:
         self._templates: dict[tuple[str, WeightsRequest], Backbone] = {}
         self._lock = threading.Lock()
+
+    def create(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        key = (model_name, weights)
+        with self._lock:
+            if key not in self._templates:
+                self._templates[key] = self._build(model_name, weights)
+        template = self._templates[key]
+        return Backbone(copy.deepcopy(template.module), template.num_features,
+                        template.stages, template.preprocessing, template.source)
+
+    def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        raise NotImplementedError
+
+
+class TimmProvider(CachedProvider):
+    """Every timm model name, with or without a pretrained tag."""
+
+    name = "timm"
 
     def matches(self, model_name: str) -> bool:
         import timm
@@ -173,16 +192,6 @@ class TimmProvider:
 
     def describe(self, model_name: str) -> BackboneInfo:
         return _describe_timm(model_name)
-
-    def create(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        """A fresh copy of the backbone; weights are read once per process and then copied."""
-        key = (model_name, weights)
-        with self._lock:
-            if key not in self._templates:
-                self._templates[key] = self._build(model_name, weights)
-        template = self._templates[key]
-        return Backbone(copy.deepcopy(template.module), template.num_features,
-                        template.stages, template.preprocessing, template.source)
 
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
         info = self.describe(model_name)

@@ -8,10 +8,8 @@ generator (``timm.models.efficientnet._gen_mobilenet_v1``) at width 0.25, so tim
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
-import threading
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import nn
 from autotransfer.backbones import (
     Backbone,
     BackboneInfo,
+    CachedProvider,
     Preprocessing,
     WeightsRequest,
     load_into,
@@ -165,27 +164,13 @@ def load_state(model_name: str, weights: WeightsRequest) -> tuple[dict[str, torc
     return state, f"file:{path}"
 
 
-def _match_scalars(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
-    """0-dim buffers saved as 1-element vectors (the keras file's `num_batches_tracked`) back to 0-dim.
-
-    torch's own load_state_dict accepts these; autotransfer's load_into compares shapes exactly.
-    """
-    expected = module.state_dict()
-    return {k: v.reshape(()) if k in expected and expected[k].dim() == 0 and v.shape == (1,) else v
-            for k, v in state.items()}
-
-
 # --------------------------------------------------------------------------- provider
 
-class MobileNetV1Provider:
+class MobileNetV1Provider(CachedProvider):
     """Serves exactly the names in SPECS; a deep copy of a per-(name, request) template each time."""
 
     name = "mobilenetv1"
     names = NAMES
-
-    def __init__(self) -> None:
-        self._templates: dict[tuple[str, WeightsRequest], Backbone] = {}
-        self._lock = threading.Lock()
 
     def matches(self, model_name: str) -> bool:
         return model_name in SPECS
@@ -193,21 +178,12 @@ class MobileNetV1Provider:
     def describe(self, model_name: str) -> BackboneInfo:
         return describe(model_name)
 
-    def create(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        key = (model_name, weights)
-        with self._lock:
-            if key not in self._templates:
-                self._templates[key] = self._build(model_name, weights)
-        template = self._templates[key]
-        return Backbone(copy.deepcopy(template.module), template.num_features,
-                        template.stages, template.preprocessing, template.source)
-
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
         info = describe(model_name)
         module = build_module(model_name, num_classes=0)
         if weights.file or weights.pretrained:
             state, source = load_state(model_name, weights)
-            load_into(module, _match_scalars(state, module), name=model_name, origin=source.removeprefix("file:"),
+            load_into(module, state, name=model_name, origin=source.removeprefix("file:"),
                       ignore_prefixes=(CLASSIFIER_PREFIX,))
         else:
             source = "random init"
