@@ -1,10 +1,11 @@
-"""The built-in plugin: registers the core datasets and backbones through the public hooks."""
+"""The built-in plugin: registers the core datasets, backbones and scorers through the public hooks."""
 
 from __future__ import annotations
 
 from .backbones import TimmProvider
 from .data import BuiltinSource, CsvSource, FolderSource
 from .hookspecs import hookimpl
+from .scorers import BUILTIN_SCORERS
 
 
 @hookimpl
@@ -15,3 +16,8 @@ def autotransfer_dataset_sources() -> list:
 @hookimpl
 def autotransfer_backbone_providers() -> list:
     return [TimmProvider()]
+
+
+@hookimpl
+def autotransfer_scorers() -> list:
+    return list(BUILTIN_SCORERS)

@@ -153,30 +153,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from importlib.metadata import PackageNotFoundError, version
+    from .plugins import describe_plugins
 
-    from .plugins import HOOKS, plugin_manager
-
-    pm = plugin_manager(tuple(args.plugin))
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
-    for name, plugin in pm.list_name_plugin():
-        dist = dists.get(id(plugin))
-        if dist is not None:
-            label = f"{dist.project_name} {dist.version}"
-        elif name.startswith(f"{PROG}."):
-            try:
-                label = f"built-in, {PROG} {version(PROG)}"
-            except PackageNotFoundError:
-                label = "built-in"
-        else:
-            label = "not installed as a package"
-        print(f"{name} ({label})")
-        for hook, kind in HOOKS.items():
-            impl = getattr(plugin, hook, None)
-            if impl is not None:
-                items = [f"{item.name} ({', '.join(item.names)})" if getattr(item, "names", None) else item.name
-                         for item in impl()]
-                print(f"  {kind}: {', '.join(items)}")
+    for plugin in describe_plugins(tuple(args.plugin)):
+        print(f"{plugin.name} ({plugin.origin})")
+        for kind, items in plugin.registers.items():
+            print(f"  {kind}: {', '.join(items)}")
     return 0
 
 

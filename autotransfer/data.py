@@ -8,6 +8,7 @@ batches of tensors, on the training device.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-ImageRef = Union[Path, np.ndarray]
+ImageRef = Union[Path, np.ndarray, bytes]  # a file, decoded pixels (H, W[, C]) uint8, or encoded image bytes
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
 TRAIN_SCALE = (0.6, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
@@ -153,7 +154,7 @@ def decode_image(ref: ImageRef, size: int) -> torch.Tensor:
     if isinstance(ref, np.ndarray):
         image = Image.fromarray(ref)
     else:
-        image = Image.open(ref)
+        image = Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref)
         image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
     image = _to_rgb(image)
     image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
@@ -200,6 +201,8 @@ def _try_verify(ref: ImageRef) -> bool:
 
 
 def _describe(ref: ImageRef) -> str:
+    if isinstance(ref, (bytes, bytearray)):
+        return f"<{len(ref)} encoded bytes>"
     return str(ref) if isinstance(ref, Path) else "<array>"
 
 
@@ -212,7 +215,7 @@ def native_size(refs: Sequence[ImageRef], sample: int = 64) -> int:
             sides.append(min(ref.shape[:2]))
             continue
         try:
-            with Image.open(ref) as image:
+            with Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref) as image:
                 sides.append(min(image.size))
         except Exception:
             continue

@@ -18,13 +18,16 @@ from .errors import UserError
 
 ENV_VAR = "AUTOTRANSFER_PLUGINS"
 BUILTIN_MODULES = ("autotransfer.builtin",)
-HOOKS = {"autotransfer_dataset_sources": "datasets", "autotransfer_backbone_providers": "backbones"}
+HOOKS = {"autotransfer_dataset_sources": "datasets", "autotransfer_backbone_providers": "backbones",
+         "autotransfer_scorers": "scorers"}
+LIFECYCLE_HOOKS = ("autotransfer_trial_started", "autotransfer_epoch_ended", "autotransfer_trial_finished")
 
 
 @dataclass(frozen=True)
 class Registries:
     datasets: list[Any]
     backbones: list[Any]
+    scorers: list[Any]
 
     def dataset_source(self, uri: str) -> Any:
         for source in self.datasets:
@@ -43,6 +46,17 @@ class Registries:
             if provider.matches(name):
                 return provider
         return None
+
+    def scorer(self, name: str) -> Any:
+        for scorer in self.scorers:
+            if scorer.name == name:
+                return scorer
+        import difflib
+
+        known = [s.name for s in self.scorers]
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown scorer {name!r}{hint}; registered: {', '.join(known) or 'none'}")
 
 
 def _import_plugin(spec: str) -> Any:
@@ -109,4 +123,50 @@ def registries(extra: tuple[str, ...] = ()) -> Registries:
     return Registries(
         datasets=_collect(pm, "autotransfer_dataset_sources"),
         backbones=_collect(pm, "autotransfer_backbone_providers"),
+        scorers=_collect(pm, "autotransfer_scorers"),
     )
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One loaded plugin as `autotransfer plugins` shows it."""
+
+    name: str
+    origin: str  # "<distribution> <version>", "built-in, autotransfer <version>" or how it was loaded
+    registers: dict[str, list[str]]
+
+
+def describe_plugins(extra: tuple[str, ...] = ()) -> list[PluginInfo]:
+    """Every loaded plugin, with its version and what it registers (checked like a run would)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pm = plugin_manager(extra)
+    registries(extra)  # a broken or clashing plugin fails here exactly as it would in a search
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    found = []
+    for name, plugin in pm.list_name_plugin():
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            origin = f"{dist.project_name} {dist.version}"
+        elif name in BUILTIN_MODULES:
+            try:
+                origin = f"built-in, {hookspecs.PROJECT} {version(hookspecs.PROJECT)}"
+            except PackageNotFoundError:
+                origin = "built-in"
+        else:
+            origin = "loaded by --plugin or AUTOTRANSFER_PLUGINS, not an installed package"
+        registers = {}
+        for hook, kind in HOOKS.items():
+            impl = getattr(plugin, hook, None)
+            if impl is not None:
+                registers[kind] = [_label(item) for item in impl()]
+        callbacks = [hook.removeprefix("autotransfer_") for hook in LIFECYCLE_HOOKS if hasattr(plugin, hook)]
+        if callbacks:
+            registers["callbacks"] = callbacks
+        found.append(PluginInfo(name, origin, registers))
+    return found
+
+
+def _label(item: Any) -> str:
+    names = getattr(item, "names", None) or getattr(item, "datasets", None)
+    return f"{item.name} ({', '.join(names)})" if names else item.name

@@ -25,8 +25,9 @@ from .backbones import BackboneInfo, WeightsRequest, provider_for
 from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, SearchConfig
 from .data import PreparedData, native_size, prepare
 from .errors import UserError
+from .events import Lifecycle, TrialEvent
 from .model import ModelCard, assemble, save_model
-from .plugins import registries
+from .plugins import plugin_manager, registries
 from .space import TrialParams, suggest
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs, train
@@ -135,6 +136,13 @@ def trial_inputs(info: BackboneInfo, config: SearchConfig, device: torch.device,
     return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
 
 
+def weights_label(source: str) -> str:
+    """The leaderboard's `pretrained` column, from where the weights actually came from."""
+    if source == "random init":
+        return source
+    return "file" if source.startswith("file:") else "pretrained"
+
+
 def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
     return WeightsRequest(pretrained=config.pretrained, file=config.weights.get(backbone))
 
@@ -175,6 +183,7 @@ class Search:
     def __post_init__(self) -> None:
         self.device = resolve_device(self.options.device)
         self.registries = registries(tuple(self.options.plugins))
+        self.lifecycle = Lifecycle(plugin_manager(tuple(self.options.plugins)))
         self.out = Path(self.options.out)
 
     # -- preparation: everything that can fail on bad input happens before any trial runs
@@ -274,9 +283,12 @@ class Search:
         trial.set_user_attr("pretrained", request.label)
         trial.set_user_attr("image_size", inputs.image_size)
         progress.trial_started(trial.number, params)
+        event = TrialEvent(self.options.study_name, self.options.storage, trial.number,
+                           _hparams(params, request.label), self.out)
+        self.lifecycle.trial_started(event)
         tracker = TrialLog(self.out / "tensorboard", trial.number)
         start = time.perf_counter()
-        state, value, model = "FAIL", None, None
+        state, value, model, reason = "FAIL", None, None, None
         try:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
             model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
@@ -284,12 +296,14 @@ class Search:
             trial.set_user_attr("trainable_params", trainable)
             trial.set_user_attr("total_params", total)
             trial.set_user_attr("weights_source", backbone.source)
+            trial.set_user_attr("pretrained", weights_label(backbone.source))
 
             def on_epoch(stats: EpochStats) -> None:
                 tracker.epoch(stats)
                 trial.set_user_attr("epochs_done", stats.epoch)
                 trial.report(stats.val_accuracy, stats.epoch)
                 progress.epoch(trial.number, stats, self.config.epochs, _best_value(study))
+                self.lifecycle.epoch_ended(event, stats)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
                                              f"with val_acc {stats.val_accuracy:.4f}")
@@ -302,7 +316,7 @@ class Search:
             best = _best_value(study)
             if best is None or value > best:
                 card = ModelCard(
-                    backbone=params.backbone, weights_source=backbone.source, pretrained=request.label != "random init",
+                    backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
                     head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                     image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                     mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, trial=trial.number)
@@ -310,23 +324,24 @@ class Search:
             state = "COMPLETE"
             return value
         except optuna.TrialPruned as exc:
-            state = "PRUNED"
-            trial.set_user_attr("reason", str(exc))
+            state, reason = "PRUNED", str(exc)
             raise
         except NonFiniteLoss as exc:
-            state = "PRUNED"
-            trial.set_user_attr("reason", str(exc))
+            state, reason = "PRUNED", str(exc)
             raise optuna.TrialPruned(str(exc)) from None
         except torch.cuda.OutOfMemoryError:
-            trial.set_user_attr("reason", "oom: CUDA out of memory; lower --batch-size or --image-size")
+            reason = "oom: CUDA out of memory; lower --batch-size or --image-size"
             raise
         except Exception as exc:
-            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             duration = time.perf_counter() - start
+            if reason is not None:
+                trial.set_user_attr("reason", reason)
             trial.set_user_attr("duration_s", round(duration, 3))
             tracker.finish(_hparams(params, request.label), value, state)
+            self.lifecycle.trial_finished(event, state, value, reason)
             del model
             gc.collect()
             if self.device.type == "cuda":
