@@ -73,6 +73,13 @@ def _ways_out(name: str) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth state dict, unwrapping the usual checkpoint envelopes."""
     file = Path(path)
+    if file.is_dir():
+        from .checkpoints import is_checkpoint, weights_in_folder
+
+        if not is_checkpoint(file):
+            raise WeightsUnavailable(f"weights path {file} is a folder but not an `autotransfer pretrain` checkpoint "
+                                     "(no manifest.json); give a .safetensors/.pth file or a checkpoint folder")
+        file = weights_in_folder(file)
     if not file.is_file():
         raise WeightsUnavailable(f"weights file {file} does not exist; fix the PATH in --weights NAME=PATH")
     try:

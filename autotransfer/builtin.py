@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .backbones import TimmProvider
+from .checkpoints import CheckpointProvider
 from .data import BuiltinSource, CsvSource, FolderSource
 from .hookspecs import hookimpl
 from .scorers import BUILTIN_SCORERS
@@ -15,7 +16,7 @@ def autotransfer_dataset_sources() -> list:
 
 @hookimpl
 def autotransfer_backbone_providers() -> list:
-    return [TimmProvider()]
+    return [CheckpointProvider(), TimmProvider()]  # checkpoint folders first: they name a timm architecture
 
 
 @hookimpl

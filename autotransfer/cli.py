@@ -53,6 +53,28 @@ def _search_parser(sub) -> None:
     p.add_argument("--plugin", action="append", help="plugin module or file.py to load (repeatable)")
 
 
+def _pretrain_parser(sub) -> None:
+    from . import config as c
+
+    p = sub.add_parser("pretrain", help="train a backbone on a source dataset; write a checkpoint a search can use")
+    p.add_argument("--dataset", required=True, help="source dataset (same forms as search)")
+    p.add_argument("--backbone", required=True, help="timm or plugin backbone name")
+    p.add_argument("--out", required=True, help="new checkpoint folder; use it as --backbones DIR or --weights NAME=DIR")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="start from random init instead of the backbone's pretrained weights")
+    p.add_argument("--weights", metavar="PATH", help="start from this state dict or checkpoint folder")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", help=f"one of {','.join(c.OPTIMIZERS)} (default adam)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="crop size (default as in search)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out to report source accuracy (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plugin", action="append", default=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Find the best way to transfer a pretrained image model to your dataset.")
     from . import __version__
@@ -71,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write path,label,confidence to this CSV instead of stdout")
     p.add_argument("--device", default="auto")
     p.add_argument("--plugin", action="append", default=[])
+    _pretrain_parser(sub)
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--plugin", action="append", default=[])
     return parser
@@ -108,6 +131,9 @@ def _search(args: argparse.Namespace) -> int:
         return 130
     frame = leaderboard.leaderboard_frame(study)
     print(leaderboard.to_markdown(frame))
+    if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
+        print("\nbest per backbone:\n")
+        print(leaderboard.to_markdown(leaderboard.per_backbone(frame)))
     if not options.quiet:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
@@ -152,6 +178,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .checkpoints import path_name
+    from .pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(dataset=args.dataset, backbone=args.backbone, out=Path(args.out), pretrained=args.pretrained,
+                            weights=args.weights, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                            batch_size=args.batch_size, image_size=args.image_size, val_fraction=args.val_fraction,
+                            seed=args.seed, device=args.device)
+    manifest = pretrain(config, tuple(args.plugin), quiet=args.quiet)
+    accuracy = "n/a" if manifest.val_accuracy is None else f"{manifest.val_accuracy:.4f}"
+    print(f"wrote checkpoint {args.out}: {manifest.architecture} trained on {manifest.source_dataset} "
+          f"({len(manifest.source_classes)} classes, source val_acc {accuracy}); "
+          f"search with --backbones {path_name(args.out)}")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from .plugins import describe_plugins
 
@@ -162,7 +204,8 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": _search, "leaderboard": _leaderboard, "predict": _predict, "plugins": _plugins}
+COMMANDS = {"search": _search, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
+            "plugins": _plugins}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,23 +119,48 @@ class CsvSource:
 
 
 class BuiltinSource:
-    """`builtin:digits`: scikit-learn's bundled 8x8 digits, so demos and tests need no files."""
+    """`builtin:digits`: scikit-learn's bundled 8x8 digits, so demos and tests need no files.
+
+    `builtin:digits:0-4` (or `:5,7,9`) keeps only those classes, which gives disjoint source and
+    target tasks for a two-phase transfer demo: pretrain on one half, search on the other.
+    """
 
     name = "builtin"
-    datasets = ("digits",)
+    datasets = ("digits", "digits:LOW-HIGH")
 
     def can_load(self, uri: str) -> bool:
         return uri.startswith("builtin:")
 
     def load(self, uri: str) -> LabelledRefs:
-        key = uri.split(":", 1)[1]
+        key, _, subset = uri.split(":", 1)[1].partition(":")
         if key != "digits":
-            raise UserError(f"unknown built-in dataset {uri!r}; available: builtin:digits")
+            raise UserError(f"unknown built-in dataset {uri!r}; available: builtin:digits, builtin:digits:0-4")
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        return LabelledRefs("digits", list(images), digits.target, [str(c) for c in digits.target_names])
+        names = [str(c) for c in digits.target_names]
+        keep = _digit_subset(uri, subset) if subset else list(range(len(names)))
+        rows = np.isin(digits.target, keep)
+        remap = {old: new for new, old in enumerate(keep)}
+        labels = np.array([remap[t] for t in digits.target[rows]])
+        name = "digits" if not subset else f"digits-{subset.replace(',', '_')}"
+        return LabelledRefs(name, list(images[rows]), labels, [names[k] for k in keep])
+
+
+def _digit_subset(uri: str, spec: str) -> list[int]:
+    try:
+        if "-" in spec:
+            low, high = (int(v) for v in spec.split("-"))
+            keep = list(range(low, high + 1))
+        else:
+            keep = sorted({int(v) for v in spec.split(",")})
+    except ValueError:
+        keep = []
+    if len(keep) < 2 or not all(0 <= k <= 9 for k in keep):
+        raise UserError(f"{uri!r}: the class subset must be LOW-HIGH or a comma list of at least two digits 0-9, "
+                        "e.g. builtin:digits:0-4")
+    return keep
 
 
 def _subdirs(path: Path) -> list[Path]:

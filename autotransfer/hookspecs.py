@@ -14,7 +14,13 @@ in one is reported as a warning and does not fail the trial.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:
+    from .events import TrialEvent
+    from .trainer import EpochStats
 
 PROJECT = "autotransfer"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -72,7 +78,7 @@ def autotransfer_scorers() -> list:
 # --------------------------------------------------------------------------- trial lifecycle
 
 @hookspec
-def autotransfer_trial_started(trial: "autotransfer.events.TrialEvent") -> None:
+def autotransfer_trial_started(trial: "TrialEvent") -> None:
     """A trial's parameters are drawn and its model is about to be built.
 
     ``trial`` carries the study name, the storage URL, the trial number, the drawn parameters
@@ -81,8 +87,8 @@ def autotransfer_trial_started(trial: "autotransfer.events.TrialEvent") -> None:
 
 
 @hookspec
-def autotransfer_epoch_ended(trial: "autotransfer.events.TrialEvent",
-                             epoch: "autotransfer.trainer.EpochStats") -> None:
+def autotransfer_epoch_ended(trial: "TrialEvent",
+                             epoch: "EpochStats") -> None:
     """An epoch finished and was validated, before the pruner decides on the trial.
 
     ``epoch`` has ``epoch`` (1-based), ``train_loss``, ``val_accuracy``, ``lr`` and ``seconds``.
@@ -90,7 +96,7 @@ def autotransfer_epoch_ended(trial: "autotransfer.events.TrialEvent",
 
 
 @hookspec
-def autotransfer_trial_finished(trial: "autotransfer.events.TrialEvent", state: str,
+def autotransfer_trial_finished(trial: "TrialEvent", state: str,
                                 value: float | None, reason: str | None) -> None:
     """A trial ended: ``state`` is ``COMPLETE``, ``PRUNED`` or ``FAIL``; ``value`` is the final
     validation accuracy when complete; ``reason`` says why it was pruned or failed.

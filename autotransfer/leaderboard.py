@@ -71,13 +71,42 @@ def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
+BACKBONE_COLUMNS = ["backbone", "pretrained", "best_val_accuracy", "best_trial", "complete", "pruned", "failed",
+                    "mean_duration_s"]
+
+
+def per_backbone(frame: pd.DataFrame) -> pd.DataFrame:
+    """Best validation accuracy reached by each (backbone, weights) pair: the comparison a transfer
+    search is for, e.g. an in-house pretrained source against random init."""
+    if frame.empty:
+        return pd.DataFrame(columns=BACKBONE_COLUMNS)
+    rows = []
+    for (backbone, pretrained), group in frame.groupby(["backbone", "pretrained"], sort=False, dropna=False):
+        complete = group[group["state"] == "COMPLETE"]
+        accuracy = pd.to_numeric(complete["val_accuracy"], errors="coerce")
+        best = accuracy.idxmax() if accuracy.notna().any() else None
+        rows.append({
+            "backbone": backbone, "pretrained": pretrained,
+            "best_val_accuracy": None if best is None else float(accuracy[best]),
+            "best_trial": None if best is None else int(complete.loc[best, "trial"]),
+            "complete": len(complete), "pruned": int((group["state"] == "PRUNED").sum()),
+            "failed": int((group["state"] == "FAIL").sum()),
+            "mean_duration_s": round(float(pd.to_numeric(group["duration_s"], errors="coerce").mean()), 2),
+        })
+    table = pd.DataFrame(rows, columns=BACKBONE_COLUMNS)
+    table["_acc"] = pd.to_numeric(table["best_val_accuracy"], errors="coerce").fillna(-1.0)
+    table = table.sort_values("_acc", ascending=False, kind="stable").drop(columns="_acc").reset_index(drop=True)
+    table["best_trial"] = table["best_trial"].astype("Int64")
+    return table
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     shown = frame.copy()
-    shown["val_accuracy"] = pd.to_numeric(shown["val_accuracy"], errors="coerce").map(
-        lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: "" if pd.isna(v) else f"{v:.2e}")
-    shown["head_dropout"] = pd.to_numeric(shown["head_dropout"], errors="coerce").map(
-        lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    formats = {"val_accuracy": "{:.4f}", "best_val_accuracy": "{:.4f}", "lr": "{:.2e}", "head_dropout": "{:.2f}"}
+    for column, fmt in formats.items():
+        if column in shown:
+            shown[column] = pd.to_numeric(shown[column], errors="coerce").map(
+                lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
     return shown.astype(object).where(shown.notna(), "").to_markdown(index=False, disable_numparse=True)
 
 
@@ -86,3 +115,4 @@ def write(frame: pd.DataFrame, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(to_markdown(frame) + "\n")
+    per_backbone(frame).to_csv(out / "per_backbone.csv", index=False)

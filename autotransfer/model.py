@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, WeightsRequest, freeze, frozen_submodules, provider_for
+from .checkpoints import publish_permissions
 from .heads import HeadConfig, build_head
 
 MODEL_FILE = "model.safetensors"
@@ -86,6 +87,7 @@ def save_model(model: TransferModel, card: ModelCard, directory: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(staging / MODEL_FILE))
     (staging / CONFIG_FILE).write_text(json.dumps(card.__dict__, indent=2) + "\n")
+    publish_permissions(staging)
     old = None
     if directory.exists():
         old = directory.with_name(f".{directory.name}-old-{os.getpid()}")

@@ -20,6 +20,9 @@ ENV_VAR = "AUTOTRANSFER_PLUGINS"
 BUILTIN_MODULES = ("autotransfer.builtin",)
 HOOKS = {"autotransfer_dataset_sources": "datasets", "autotransfer_backbone_providers": "backbones",
          "autotransfer_scorers": "scorers"}
+REQUIRED = {"autotransfer_dataset_sources": ("can_load", "load"),
+            "autotransfer_backbone_providers": ("matches", "describe", "create"),
+            "autotransfer_scorers": ("requires", "__call__")}
 LIFECYCLE_HOOKS = ("autotransfer_trial_started", "autotransfer_epoch_ended", "autotransfer_trial_finished")
 
 
@@ -37,9 +40,10 @@ class Registries:
 
         if not uri.startswith("builtin:") and not Path(uri).exists():
             raise UserError(f"--dataset {uri!r}: no such file or folder; give an image folder, "
-                            "a CSV manifest (path,label[,split]) or builtin:digits")
+                            "a CSV manifest (path,label[,split]), builtin:digits, or a form a loaded plugin reads")
         raise UserError(f"no dataset source reads {uri!r}; give an image folder, a CSV manifest "
-                        "(path,label[,split]), builtin:digits, or load a plugin that reads it (--plugin)")
+                        "(path,label[,split]), builtin:digits, or a form a plugin reads (see `autotransfer plugins`; "
+                        "load one with --plugin)")
 
     def backbone_provider(self, name: str) -> Any | None:
         for provider in self.backbones:
@@ -72,7 +76,7 @@ def _import_plugin(spec: str) -> Any:
             return module
         return importlib.import_module(spec)
     except Exception as exc:  # a broken plugin must not crash the CLI with a traceback
-        raise UserError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 @lru_cache(maxsize=8)
@@ -80,12 +84,21 @@ def plugin_manager(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
     """Built-ins, then installed entry points, then AUTOTRANSFER_PLUGINS, then --plugin."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    pm.distributions = {}  # plugin name -> "<project> <version>" for the installed ones
     for name in BUILTIN_MODULES:
         pm.register(importlib.import_module(name), name=name)
-    try:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    except Exception as exc:
-        raise UserError(f"an installed autotransfer plugin failed to load: {type(exc).__name__}: {exc}") from None
+    for entry_point in _entry_points():
+        if pm.has_plugin(entry_point.name) or pm.is_blocked(entry_point.name):
+            continue
+        dist = entry_point.dist
+        package = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an installed package"
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:
+            raise UserError(f"plugin {entry_point.name!r} (installed by {package}) failed to import: "
+                            f"{type(exc).__name__}: {_one_line(exc)}; fix or uninstall that package") from None
+        _register(pm, plugin, entry_point.name)
+        pm.distributions[entry_point.name] = package
     env_specs = [s for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
     for spec in [*env_specs, *extra]:
         spec = spec.strip()
@@ -93,8 +106,32 @@ def plugin_manager(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
             continue
         module = _import_plugin(spec)
         if not pm.is_registered(module):  # already loaded as an installed entry point
-            pm.register(module, name=spec)
+            _register(pm, module, spec)
     return pm
+
+
+def _entry_points() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=hookspecs.PROJECT), key=lambda ep: ep.name)
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:  # e.g. a hookimpl whose arguments do not match its hookspec
+        raise UserError(f"plugin {name!r} failed to register: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _check_item(item: Any, hook_name: str, plugin_name: str) -> None:
+    missing = [attr for attr in ("name", *REQUIRED[hook_name]) if not hasattr(item, attr)]
+    if missing or not isinstance(item.name, str):
+        raise UserError(f"plugin {plugin_name!r} returned {type(item).__name__} from {hook_name}, which lacks "
+                        f"{', '.join(missing) or 'a str name'}; see docs/plugins.md for what the hook returns")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:400]
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
@@ -105,8 +142,9 @@ def _collect(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
         try:
             provided = impl.function() or []
         except Exception as exc:
-            raise UserError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {_one_line(exc)}") from None
         for item in provided:
+            _check_item(item, hook_name, impl.plugin_name)
             if item.name in owners:
                 raise UserError(
                     f"{hook_name}: {item.name!r} is registered by both {owners[item.name]!r} "
@@ -120,11 +158,15 @@ def _collect(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
 @lru_cache(maxsize=8)
 def registries(extra: tuple[str, ...] = ()) -> Registries:
     pm = plugin_manager(extra)
-    return Registries(
+    found = Registries(
         datasets=_collect(pm, "autotransfer_dataset_sources"),
         backbones=_collect(pm, "autotransfer_backbone_providers"),
         scorers=_collect(pm, "autotransfer_scorers"),
     )
+    for provider in found.backbones:  # providers that build on others (checkpoints) get the registry
+        if hasattr(provider, "bind"):
+            provider.bind(found)
+    return found
 
 
 @dataclass(frozen=True)
@@ -142,12 +184,10 @@ def describe_plugins(extra: tuple[str, ...] = ()) -> list[PluginInfo]:
 
     pm = plugin_manager(extra)
     registries(extra)  # a broken or clashing plugin fails here exactly as it would in a search
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     found = []
     for name, plugin in pm.list_name_plugin():
-        dist = dists.get(id(plugin))
-        if dist is not None:
-            origin = f"{dist.project_name} {dist.version}"
+        if name in pm.distributions:
+            origin = pm.distributions[name]
         elif name in BUILTIN_MODULES:
             try:
                 origin = f"built-in, {hookspecs.PROJECT} {version(hookspecs.PROJECT)}"

@@ -54,12 +54,15 @@ class RunOptions:
 # --------------------------------------------------------------------------- naming and storage
 
 def default_study_name(dataset: str) -> str:
+    """A readable name from --dataset: builtin:digits:0-4 -> digits-0-4, wds:shards/train-{0..3}.tar -> train."""
     if dataset.startswith("builtin:"):
         base = dataset.split(":", 1)[1]
     else:
-        path = Path(dataset.rstrip("/\\"))
-        base = path.stem if path.suffix.lower() == ".csv" else path.name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "study"
+        scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(?![\\/])", dataset)  # wds:..., not C:\...
+        path = Path((dataset[scheme.end():] if scheme else dataset).rstrip("/\\"))
+        base = re.sub(r"\{[^}]*\}", "", path.name)
+        base = re.sub(r"(\.tar\.gz|\.tgz|\.tar|\.csv)$", "", base, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "study"
 
 
 def default_storage(out: Path) -> str:
@@ -122,14 +125,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def trial_inputs(info: BackboneInfo, config: SearchConfig, device: torch.device, native_size: int) -> TrialInputs:
+def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.device, native_size: int) -> TrialInputs:
     """Crop size: --image-size, else the backbone's pretrained size, capped on CPU and at 4x the
     images' own size (an 8 px digit gains nothing from 160 px); fixed-size models keep theirs."""
     pre = info.preprocessing
     if info.fixed_input_size:
         size = pre.input_size
-    elif config.image_size:
-        size = config.image_size
+    elif image_size:
+        size = image_size
     else:
         cap = CPU_IMAGE_SIZE_CAP if device.type == "cpu" else pre.input_size
         size = max(32, min(pre.input_size, cap, 4 * native_size))
@@ -140,7 +143,10 @@ def weights_label(source: str) -> str:
     """The leaderboard's `pretrained` column, from where the weights actually came from."""
     if source == "random init":
         return source
-    return "file" if source.startswith("file:") else "pretrained"
+    for prefix in ("file", "checkpoint"):
+        if source.startswith(f"{prefix}:"):
+            return prefix
+    return "pretrained"
 
 
 def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
@@ -190,6 +196,8 @@ class Search:
     def prepare(self) -> None:
         for name in self.config.backbones:
             self.infos[name] = provider_for(name, self.registries).describe(name)
+        for name, path in self.config.weights.items():
+            _check_checkpoint_architecture(name, path)
         refs = self.registries.dataset_source(self.config.dataset).load(self.config.dataset)
         self.native_size = native_size(refs.refs)
         decode_size = max(self._inputs(info).resize_size for info in self.infos.values())
@@ -199,7 +207,7 @@ class Search:
             provider_for(name, self.registries).create(name, weights_request(self.config, name))
 
     def _inputs(self, info: BackboneInfo) -> TrialInputs:
-        return trial_inputs(info, self.config, self.device, self.native_size)
+        return trial_inputs(info, self.config.image_size, self.device, self.native_size)
 
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +368,17 @@ class Search:
             if best_number is not None and saved != best_number:
                 log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
                             saved, best_number)
+
+
+def _check_checkpoint_architecture(name: str, path: str) -> None:
+    """`--weights NAME=DIR` with a checkpoint of another architecture: say so before loading tensors."""
+    from .checkpoints import is_checkpoint, locate, read_manifest
+
+    if is_checkpoint(path) and locate(name) is None:
+        architecture = read_manifest(path).architecture
+        if architecture != name:
+            raise UserError(f"--weights {name}={path}: that checkpoint holds a {architecture!r} backbone, not {name!r}; "
+                            f"use --weights {architecture}={path} or --backbones {path}")
 
 
 def _best_value(study: optuna.Study) -> float | None:

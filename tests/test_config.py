@@ -307,3 +307,13 @@ def test_suggest_default_config_values():
         if params.head.kind == "mlp":
             assert params.head.hidden in HEAD_HIDDEN
         assert params.optimizer in config.optimizers
+
+
+@pytest.mark.parametrize("dataset, name", [
+    ("builtin:digits", "digits"), ("builtin:digits:0-4", "digits-0-4"), ("data/flowers/", "flowers"),
+    ("data/manifest.csv", "manifest"), ("wds:shards/train-{000000..000003}.tar", "train"), ("shards/x.tar.gz", "x"),
+])
+def test_default_study_name_is_readable(dataset, name):
+    from autotransfer.search import default_study_name
+
+    assert default_study_name(dataset) == name

@@ -22,6 +22,7 @@ from autotransfer.errors import UserError, WeightsUnavailable
 from autotransfer.heads import HeadConfig
 from autotransfer.model import assemble
 from autotransfer.plugins import registries
+from autotransfer.testing import is_installed
 from autotransfer_mobilenetv1 import ENV_VAR, NAMES, MobileNetV1Provider, source_classifier
 from autotransfer_mobilenetv1.provider import SPECS
 
@@ -30,13 +31,6 @@ HOOKS_MODULE = "autotransfer_mobilenetv1.hooks"
 DIST = "autotransfer-mobilenetv1"
 LEAKY, KERAS = "mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k"
 
-
-def _installed() -> bool:
-    try:
-        metadata.distribution(DIST)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -111,7 +105,7 @@ def test_environment_variable_registers_it_in_a_fresh_process():
     assert done.stdout.split() == ["mobilenetv1", "mobilenetv1"]
 
 
-@pytest.mark.skipif(not _installed(), reason=f"{DIST} is not pip-installed (pip install -e {PLUGIN_ROOT})")
+@pytest.mark.skipif(not is_installed(DIST), reason=f"{DIST} is not pip-installed (pip install -e {PLUGIN_ROOT})")
 def test_installed_entry_point_is_listed_by_the_cli():
     entry_points = metadata.entry_points(group="autotransfer")
     assert any(ep.value == HOOKS_MODULE for ep in entry_points)

@@ -1,0 +1,113 @@
+"""`autotransfer pretrain`: the first phase of transfer learning, run on your own source data.
+
+Trains a whole backbone with a linear head on a source dataset and writes a checkpoint folder
+(`autotransfer.checkpoints`) that a later search uses as a backbone, so a team can build its
+own in-house starting points offline.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import WeightsRequest, provider_for
+from .checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
+from .config import OPTIMIZERS
+from .data import native_size, prepare
+from .errors import UserError
+from .heads import HeadConfig
+from .model import assemble
+from .plugins import registries
+from .search import resolve_device, trial_inputs, weights_label
+from .trainer import EpochStats, NonFiniteLoss, train
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str
+    backbone: str
+    out: Path
+    pretrained: bool = True  # start from the backbone's own pretrained weights (else random init)
+    weights: str | None = None  # or from this file / checkpoint folder
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 64
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> "PretrainConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be a positive integer, got {self.image_size}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        out = Path(self.out)
+        if is_checkpoint(out):
+            raise UserError(f"{out} already holds a checkpoint; choose another --out (or delete it to replace it)")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} exists and is not an empty folder; choose a new folder")
+        return self
+
+
+def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False) -> Manifest:
+    """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest."""
+    config.validate()
+    found = registries(tuple(plugins))
+    provider = provider_for(config.backbone, found)
+    info = provider.describe(config.backbone)
+    device = resolve_device(config.device)
+    refs = found.dataset_source(config.dataset).load(config.dataset)
+    inputs = trial_inputs(info, config.image_size, device, native_size(refs.refs))
+    data = prepare(refs, inputs.resize_size, val_fraction=config.val_fraction, seed=config.seed)
+    backbone = provider.create(config.backbone, WeightsRequest(config.pretrained, config.weights))
+    model = assemble(backbone, HeadConfig("linear"), data.num_classes, frozen_stages=0)
+    say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    say(f"pretraining {config.backbone} ({weights_label(backbone.source)}) on {refs.name}: {len(data.train)} train / "
+        f"{len(data.val)} val images, {data.num_classes} classes, {inputs.image_size} px, {device}")
+
+    def on_epoch(stats: EpochStats) -> None:
+        say(f"  epoch {stats.epoch}/{config.epochs}: loss {stats.train_loss:.4f} val_acc {stats.val_accuracy:.4f} "
+            f"({stats.seconds:.1f}s)")
+
+    train_set, val_set = data.train.at_size(inputs.resize_size), data.val.at_size(inputs.resize_size)
+    try:
+        history = train(model, train_set, val_set, inputs, optimizer_name=config.optimizer, lr=config.lr,
+                        epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
+                        on_epoch=on_epoch)
+    except NonFiniteLoss as exc:
+        raise UserError(f"pretraining diverged: {exc}; lower --lr") from None
+    val_accuracy = history[-1].val_accuracy if len(data.val) else None
+    manifest = Manifest(
+        architecture=config.backbone, num_features=backbone.num_features, num_stages=len(backbone.stages),
+        image_size=inputs.image_size, mean=list(inputs.mean), std=list(inputs.std),
+        crop_pct=info.preprocessing.crop_pct, source_dataset=config.dataset,
+        source_classes=list(data.class_names),
+        training=dict(init=backbone.source, epochs=config.epochs, lr=config.lr, optimizer=config.optimizer,
+                      batch_size=config.batch_size, seed=config.seed, val_fraction=config.val_fraction,
+                      train_images=len(data.train), val_images=len(data.val), device=str(device)),
+        val_accuracy=val_accuracy, created=utc_now())
+    model.to("cpu")
+    write_checkpoint(Path(config.out), model.backbone, model.head, manifest)
+    _check_round_trip(Path(config.out), found, model.backbone)
+    return manifest
+
+
+def _check_round_trip(folder: Path, found, trained: torch.nn.Module) -> None:
+    """The folder must serve exactly the trained backbone through the provider a search will use."""
+    name = path_name(folder)
+    reloaded = provider_for(name, found).create(name, WeightsRequest(pretrained=True)).module.state_dict()
+    for key, value in trained.state_dict().items():
+        if not torch.equal(reloaded[key].cpu(), value.cpu()):
+            raise RuntimeError(f"checkpoint {folder} does not reproduce the trained tensor {key}")

@@ -1,0 +1,211 @@
+"""Every hook through a real plugin, loaded the three ways (--plugin, AUTOTRANSFER_PLUGINS, an
+installed entry point), and the one-line errors of broken or clashing plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from autotransfer.backbones import WeightsRequest, provider_for
+from autotransfer.cli import main
+from autotransfer.heads import HeadConfig
+from autotransfer.model import assemble
+from autotransfer.plugins import registries
+from autotransfer.scorers import score
+from autotransfer.testing import reset_registries
+
+EXAMPLE = Path(__file__).parent / "plugin_examples" / "stripes_plugin.py"
+SEARCH = ["search", "--dataset", "stripes:80", "--backbones", "stripenet", "--trials", "2", "--epochs", "2",
+          "--pruner", "none", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_cache():
+    reset_registries()
+    yield
+    reset_registries()
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_lifecycle(events: list[dict], trials: int, epochs: int) -> None:
+    """Per trial: started, one event per epoch in order, then finished with the final accuracy."""
+    numbers = sorted({e["number"] for e in events})
+    assert numbers == list(range(trials))
+    for number in numbers:
+        mine = [e for e in events if e["number"] == number]
+        assert [e["event"] for e in mine] == ["started", *["epoch"] * epochs, "finished"]
+        assert [e["epoch"] for e in mine if e["event"] == "epoch"] == list(range(1, epochs + 1))
+        assert mine[-1]["state"] == "COMPLETE"
+        assert mine[-1]["value"] == pytest.approx(mine[-2]["val_accuracy"])
+
+
+# --------------------------------------------------------------------------- the three ways in
+
+def test_plugin_file_serves_every_hook(tmp_path, monkeypatch, capsys):
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("STRIPES_EVENTS", str(events))
+    out = tmp_path / "run"
+    assert main([*SEARCH, "--out", str(out), "--plugin", str(EXAMPLE)]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert set(board["backbone"]) == {"stripenet"} and (board["state"] == "COMPLETE").all()
+    check_lifecycle(read_events(events), trials=2, epochs=2)
+
+    features = np.random.default_rng(0).normal(size=(20, 4))
+    labels = np.arange(20) % 2
+    expected = float(np.linalg.norm(features.mean(axis=0)))
+    assert score("mean_feature_norm", features, labels, plugins=(str(EXAMPLE),)) == pytest.approx(expected)
+
+    capsys.readouterr()
+    assert main(["plugins", "--plugin", str(EXAMPLE)]) == 0
+    listing = capsys.readouterr().out
+    assert f"{EXAMPLE} (loaded by --plugin or AUTOTRANSFER_PLUGINS" in listing
+    for needle in ("datasets: stripes", "backbones: stripenet (stripenet)", "scorers: mean_feature_norm",
+                   "callbacks: trial_started, epoch_ended, trial_finished", "scorers: hscore, leep, nce"):
+        assert needle in listing
+
+
+def test_environment_variable_loads_plugins(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTRANSFER_PLUGINS", str(EXAMPLE))
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("STRIPES_EVENTS", str(events))
+    assert main([*SEARCH, "--trials", "1", "--out", str(tmp_path / "run")]) == 0
+    check_lifecycle(read_events(events), trials=1, epochs=2)
+
+
+def install_fake_distribution(site: Path, module_name: str, source: str, version: str = "0.3") -> None:
+    """What `pip install` leaves behind: the module plus a dist-info declaring the entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module_name}.py").write_text(source)
+    dist = site / f"autotransfer_{module_name}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: autotransfer-{module_name}\nVersion: {version}\n")
+    (dist / "entry_points.txt").write_text(f"[autotransfer]\n{module_name} = {module_name}\n")
+
+
+def test_installed_entry_point_is_discovered(tmp_path):
+    site = tmp_path / "site"
+    install_fake_distribution(site, "stripes_ep", EXAMPLE.read_text())
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "STRIPES_EVENTS": str(tmp_path / "events.jsonl")}
+    listing = run_cli("plugins", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "stripes_ep (autotransfer-stripes_ep 0.3)" in listing.stdout
+    assert "backbones: stripenet" in listing.stdout and "scorers: mean_feature_norm" in listing.stdout
+    result = run_cli(*SEARCH, "--trials", "1", "--out", str(tmp_path / "run"), env=env)
+    assert result.returncode == 0, result.stderr
+    check_lifecycle(read_events(tmp_path / "events.jsonl"), trials=1, epochs=2)
+
+
+# --------------------------------------------------------------------------- freezing a plugin backbone
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_plugin_backbone_freezes_k_stages(k):
+    found = registries((str(EXAMPLE),))
+    backbone = provider_for("stripenet", found).create("stripenet", WeightsRequest(pretrained=False))
+    prefixes = ["stem.", "blocks.0.", "blocks.1."]  # the plugin's own coarse groups, stem first
+    assert [sorted({n.startswith(p) for n in stage}) for stage, p in zip(backbone.stages, prefixes)] == [[True]] * 3
+    assert sum(len(stage) for stage in backbone.stages) == len(list(backbone.module.parameters()))
+    model = assemble(backbone, HeadConfig("linear"), num_classes=2, frozen_stages=k)
+    frozen = {name for stage in backbone.stages[:k] for name in stage}
+    for name, param in model.backbone.named_parameters():
+        assert param.requires_grad == (name not in frozen), name
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+# --------------------------------------------------------------------------- broken plugins
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_plugin_that_fails_to_import(tmp_path):
+    broken = tmp_path / "broken_plugin.py"
+    broken.write_text("import numpy\nraise ImportError('needs the private_sdk package')\n")
+    message = one_line_error(run_cli(*SEARCH, "--out", str(tmp_path / "r"), "--plugin", str(broken)))
+    assert str(broken) in message and "needs the private_sdk package" in message
+
+
+def test_missing_plugin_module(tmp_path):
+    message = one_line_error(run_cli("plugins", "--plugin", "no_such_plugin_module"))
+    assert "no_such_plugin_module" in message and "ModuleNotFoundError" in message
+
+
+def test_plugin_that_fails_to_register(tmp_path):
+    broken = tmp_path / "raises_plugin.py"
+    broken.write_text("from autotransfer.hookspecs import hookimpl\n\n@hookimpl\n"
+                      "def autotransfer_dataset_sources():\n    raise KeyError('config.yaml')\n")
+    message = one_line_error(run_cli(*SEARCH, "--out", str(tmp_path / "r"), "--plugin", str(broken)))
+    assert str(broken) in message and "autotransfer_dataset_sources" in message and "config.yaml" in message
+
+
+def test_plugin_with_a_wrong_hook_signature(tmp_path):
+    broken = tmp_path / "signature_plugin.py"
+    broken.write_text("from autotransfer.hookspecs import hookimpl\n\n@hookimpl\n"
+                      "def autotransfer_trial_started(trial, colour):\n    pass\n")
+    message = one_line_error(run_cli("plugins", "--plugin", str(broken)))
+    assert str(broken) in message and "colour" in message
+
+
+def test_plugin_returning_a_nameless_item(tmp_path):
+    broken = tmp_path / "nameless_plugin.py"
+    broken.write_text("from autotransfer.hookspecs import hookimpl\n\n@hookimpl\n"
+                      "def autotransfer_scorers():\n    return [lambda f, y, p: 0.0]\n")
+    message = one_line_error(run_cli("plugins", "--plugin", str(broken)))
+    assert str(broken) in message and "autotransfer_scorers" in message and "name" in message
+
+
+def test_two_plugins_registering_one_name(tmp_path):
+    twin = tmp_path / "twin_plugin.py"
+    shutil.copy(EXAMPLE, twin)
+    message = one_line_error(run_cli(*SEARCH, "--out", str(tmp_path / "r"), "--plugin", str(EXAMPLE),
+                                     "--plugin", str(twin)))
+    assert str(EXAMPLE) in message and str(twin) in message and "'stripes'" in message
+
+
+def test_builtin_name_taken_by_a_plugin(tmp_path):
+    clash = tmp_path / "clash_plugin.py"
+    clash.write_text("from autotransfer.hookspecs import hookimpl\nfrom autotransfer.scorers import Scorer\n\n"
+                     "@hookimpl\ndef autotransfer_scorers():\n"
+                     "    return [Scorer('leep', lambda f, y, p: 0.0)]\n")
+    message = one_line_error(run_cli("plugins", "--plugin", str(clash)))
+    assert "autotransfer.builtin" in message and str(clash) in message and "'leep'" in message
+
+
+def test_installed_plugin_that_fails_to_import(tmp_path):
+    site = tmp_path / "site"
+    install_fake_distribution(site, "bad_ep", "raise RuntimeError('licence server down')\n", version="1.2")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    message = one_line_error(run_cli("plugins", env=env))
+    assert "'bad_ep'" in message and "autotransfer-bad_ep 1.2" in message and "licence server down" in message
+
+
+def test_failing_callback_does_not_fail_the_trial(tmp_path, monkeypatch, caplog):
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("STRIPES_EVENTS", str(events))
+    monkeypatch.setenv("STRIPES_FAIL_FINISHED", "1")
+    out = tmp_path / "run"
+    assert main([*SEARCH, "--out", str(out), "--plugin", str(EXAMPLE)]) == 0
+    assert (pd.read_csv(out / "leaderboard.csv")["state"] == "COMPLETE").all()
+    warnings = [r.getMessage() for r in caplog.records if "webhook unreachable" in r.getMessage()]
+    assert len(warnings) == 1 and "autotransfer_trial_finished" in warnings[0]  # reported once, not per trial
+    assert [e["event"] for e in read_events(events)].count("started") == 2
