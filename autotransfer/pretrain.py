@@ -71,10 +71,11 @@ def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool 
     refs = found.dataset_source(config.dataset).load(config.dataset)
     inputs = trial_inputs(info, config.image_size, device, native_size(refs.refs))
     data = prepare(refs, inputs.resize_size, val_fraction=config.val_fraction, seed=config.seed)
-    backbone = provider.create(config.backbone, WeightsRequest(config.pretrained, config.weights))
+    request = WeightsRequest(config.pretrained, config.weights)
+    backbone = provider.create(config.backbone, request)
     model = assemble(backbone, HeadConfig("linear"), data.num_classes, frozen_stages=0)
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    say(f"pretraining {config.backbone} ({weights_label(backbone.source)}) on {refs.name}: {len(data.train)} train / "
+    say(f"pretraining {config.backbone} ({weights_label(request, backbone.source)}) on {refs.name}: {len(data.train)} train / "
         f"{len(data.val)} val images, {data.num_classes} classes, {inputs.image_size} px, {device}")
 
     def on_epoch(stats: EpochStats) -> None:

@@ -139,14 +139,13 @@ def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.devic
     return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
 
 
-def weights_label(source: str) -> str:
-    """The leaderboard's `pretrained` column, from where the weights actually came from."""
-    if source == "random init":
-        return source
-    for prefix in ("file", "checkpoint"):
-        if source.startswith(f"{prefix}:"):
-            return prefix
-    return "pretrained"
+def weights_label(request: WeightsRequest, source: str) -> str:
+    """The leaderboard's `pretrained` column: what the trial actually started from."""
+    if request.file:
+        return "file"
+    if source == "random init" or source.startswith("checkpoint:"):
+        return source.split(":", 1)[0]
+    return "pretrained"  # hub weights, or a plugin's own pretrained weights (wherever it keeps them)
 
 
 def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
@@ -304,7 +303,7 @@ class Search:
             trial.set_user_attr("trainable_params", trainable)
             trial.set_user_attr("total_params", total)
             trial.set_user_attr("weights_source", backbone.source)
-            trial.set_user_attr("pretrained", weights_label(backbone.source))
+            trial.set_user_attr("pretrained", weights_label(request, backbone.source))
 
             def on_epoch(stats: EpochStats) -> None:
                 tracker.epoch(stats)

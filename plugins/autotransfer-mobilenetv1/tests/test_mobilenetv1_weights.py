@@ -170,3 +170,24 @@ def test_pretrained_features_transfer(weights_env, crops, name):
             logits = head(val_f)
         picked = torch.where(logits[:, IMAGENET_ANT] > logits[:, IMAGENET_BEE], 0, 1).numpy()
         assert (picked == val_y).mean() >= 0.8
+
+
+@needs_hymenoptera
+def test_search_runs_with_the_real_weights(weights_env, tmp_path):
+    """The acceptance path in small: a CLI search over both names trains on the published weights
+    and the leaderboard says they were pretrained (not a user --weights file, not random init)."""
+    import optuna
+    import pandas as pd
+
+    from autotransfer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", "--dataset", str(HYMENOPTERA), "--backbones", f"{LEAKY},{KERAS}", "--trials", "2",
+                 "--epochs", "1", "--image-size", "96", "--frozen-stages", "all", "--heads", "linear",
+                 "--lr", "3e-3", "--pruner", "none", "--out", str(out), "--quiet"]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert (board["state"] == "COMPLETE").all() and (board["pretrained"] == "pretrained").all()
+    study = optuna.load_study(study_name="hymenoptera", storage=f"sqlite:///{out / 'study.db'}")
+    for trial in study.trials:
+        name = trial.params["backbone"]
+        assert trial.user_attrs["weights_source"] == f"file:{WEIGHTS / SPECS[name].file}"
