@@ -48,6 +48,52 @@ class LabelledRefs:
             self.splits = np.asarray(self.splits)
 
 
+def from_torch_dataset(dataset, name: str) -> LabelledRefs:
+    """A map-style torch Dataset of (image, label) pairs, as a source may return one.
+
+    Images may be PIL images, uint8 arrays (H, W[, C]) or tensors (C, H, W), uint8 or float in
+    [0, 1]; class names come from `dataset.classes` when it has them. Every item is read once here,
+    so the dataset's own transforms should not augment.
+    """
+    from PIL import Image as PILImage
+
+    refs, labels = [], []
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        if isinstance(image, PILImage.Image):
+            array = np.asarray(_to_rgb(image), dtype=np.uint8)
+        elif isinstance(image, torch.Tensor):
+            tensor = image.detach().cpu()
+            if tensor.is_floating_point():
+                tensor = (tensor.clamp(0, 1) * 255).round()
+            array = tensor.to(torch.uint8).numpy()
+            array = array.transpose(1, 2, 0) if array.ndim == 3 else array
+        else:
+            array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise UserError(f"dataset {name!r}: item {index} is {type(image).__name__} of shape {array.shape}, "
+                            f"dtype {array.dtype}; return PIL images, uint8 arrays or (C, H, W) tensors")
+        refs.append(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        labels.append(int(label))
+    classes = getattr(dataset, "classes", None)
+    class_names = [str(c) for c in classes] if classes is not None else [str(c) for c in sorted(set(labels))]
+    if classes is None:
+        remap = {label: i for i, label in enumerate(sorted(set(labels)))}
+        labels = [remap[label] for label in labels]
+    return LabelledRefs(name, refs, np.array(labels), class_names)
+
+
+def load_dataset(source, uri: str) -> LabelledRefs:
+    """Ask `source` for `uri`; a torch Dataset is read into LabelledRefs."""
+    loaded = source.load(uri)
+    if isinstance(loaded, LabelledRefs):
+        return loaded
+    if isinstance(loaded, torch.utils.data.Dataset) and hasattr(loaded, "__len__"):
+        return from_torch_dataset(loaded, getattr(loaded, "name", None) or uri)
+    raise UserError(f"dataset source {source.name!r} returned {type(loaded).__name__} for {uri!r}; "
+                    "a source must return autotransfer.data.LabelledRefs or a map-style torch Dataset")
+
+
 # --------------------------------------------------------------------------- sources
 
 class FolderSource:

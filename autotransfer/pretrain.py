@@ -16,7 +16,7 @@ import torch
 from .backbones import WeightsRequest, provider_for
 from .checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
 from .config import OPTIMIZERS
-from .data import native_size, prepare
+from .data import load_dataset, native_size, prepare
 from .errors import UserError
 from .heads import HeadConfig
 from .model import assemble
@@ -68,7 +68,7 @@ def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool 
     provider = provider_for(config.backbone, found)
     info = provider.describe(config.backbone)
     device = resolve_device(config.device)
-    refs = found.dataset_source(config.dataset).load(config.dataset)
+    refs = load_dataset(found.dataset_source(config.dataset), config.dataset)
     inputs = trial_inputs(info, config.image_size, device, native_size(refs.refs))
     data = prepare(refs, inputs.resize_size, val_fraction=config.val_fraction, seed=config.seed)
     request = WeightsRequest(config.pretrained, config.weights)

@@ -23,7 +23,7 @@ import torch
 from . import leaderboard
 from .backbones import BackboneInfo, WeightsRequest, provider_for
 from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, SearchConfig
-from .data import PreparedData, native_size, prepare
+from .data import PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
 from .model import ModelCard, assemble, save_model
@@ -197,7 +197,7 @@ class Search:
             self.infos[name] = provider_for(name, self.registries).describe(name)
         for name, path in self.config.weights.items():
             _check_checkpoint_architecture(name, path)
-        refs = self.registries.dataset_source(self.config.dataset).load(self.config.dataset)
+        refs = load_dataset(self.registries.dataset_source(self.config.dataset), self.config.dataset)
         self.native_size = native_size(refs.refs)
         decode_size = max(self._inputs(info).resize_size for info in self.infos.values())
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from autotransfer.backbones import WeightsRequest, provider_for
 from autotransfer.cli import main
@@ -209,3 +210,58 @@ def test_failing_callback_does_not_fail_the_trial(tmp_path, monkeypatch, caplog)
     warnings = [r.getMessage() for r in caplog.records if "webhook unreachable" in r.getMessage()]
     assert len(warnings) == 1 and "autotransfer_trial_finished" in warnings[0]  # reported once, not per trial
     assert [e["event"] for e in read_events(events)].count("started") == 2
+
+
+# --------------------------------------------------------------------------- a source returning a torch Dataset
+
+TORCH_SOURCE = '''
+import torch
+from torch.utils.data import Dataset
+from autotransfer.hookspecs import hookimpl
+
+
+class Squares(Dataset):
+    classes = ["dark", "light"]
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        return torch.rand(3, 12, 12, generator=generator) * 0.3 + 0.6 * (index % 2), index % 2
+
+
+class SquaresSource:
+    name = "squares"
+
+    def can_load(self, uri):
+        return uri.startswith("squares:")
+
+    def load(self, uri):
+        return Squares() if uri == "squares:ok" else {"not": "a dataset"}
+
+
+@hookimpl
+def autotransfer_dataset_sources():
+    return [SquaresSource()]
+'''
+
+
+def test_source_may_return_a_torch_dataset(tmp_path):
+    plugin = tmp_path / "squares_plugin.py"
+    plugin.write_text(TORCH_SOURCE)
+    found = registries((str(plugin),))
+    from autotransfer.data import load_dataset
+
+    refs = load_dataset(found.dataset_source("squares:ok"), "squares:ok")
+    assert refs.class_names == ["dark", "light"] and refs.labels.tolist() == [i % 2 for i in range(40)]
+    dataset = type(found.dataset_source("squares:ok").load("squares:ok"))()
+    expected = (dataset[3][0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(refs.refs[3], expected)
+    out = tmp_path / "run"
+    assert main(["search", "--dataset", "squares:ok", "--backbones", "test_efficientnet", "--no-pretrained",
+                 "--trials", "1", "--epochs", "1", "--out", str(out), "--quiet", "--plugin", str(plugin)]) == 0
+    assert pd.read_csv(out / "leaderboard.csv").loc[0, "state"] == "COMPLETE"
+    message = one_line_error(run_cli("search", "--dataset", "squares:bad", "--no-pretrained", "--out", str(tmp_path / "b"),
+                                     "--plugin", str(plugin)))
+    assert "'squares' returned dict" in message and "LabelledRefs" in message
