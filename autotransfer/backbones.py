@@ -219,6 +219,19 @@ class TimmProvider(CachedProvider):
         return Backbone(module, info.num_features, timm_stages(module), info.preprocessing, source)
 
 
+    def source_classifier(self, model_name: str, weights: WeightsRequest | None = None) -> nn.Module | None:
+        """The pretrained classifier (pooled features -> source logits) for LEEP/NCE; None for random
+        init or a --weights file (whose head, if any, is not known to match the source classes)."""
+        weights = weights or WeightsRequest(pretrained=True)
+        if weights.file or not weights.pretrained:
+            return None
+        module = _load_from_hub(model_name, _pretrained_cfg(model_name), keep_classifier=True)
+        head = module.get_classifier()
+        if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+            return None
+        return copy.deepcopy(head).eval()
+
+
 def _pretrained_cfg(model_name: str) -> dict:
     import timm
 
@@ -279,7 +292,7 @@ def _describe_timm(model_name: str) -> BackboneInfo:
     return BackboneInfo(model_name, len(timm_stages(model)), int(features), preprocessing, fixed)
 
 
-def _load_from_hub(model_name: str, cfg: dict) -> nn.Module:
+def _load_from_hub(model_name: str, cfg: dict, keep_classifier: bool = False) -> nn.Module:
     """Pretrained weights through timm (hub, or the local HF cache when offline); never random."""
     if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "
@@ -291,7 +304,8 @@ def _load_from_hub(model_name: str, cfg: dict) -> nn.Module:
         # it would load non-strictly and leave missing tensors random), then drop the classifier.
         module = timm.create_model(model_name, pretrained=True, num_classes=cfg.get("num_classes", 1000),
                                    **dict(_create_kwargs(model_name)))
-        module.reset_classifier(0)
+        if not keep_classifier:
+            module.reset_classifier(0)
         return module
     except Exception as exc:
         raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: "

@@ -30,7 +30,8 @@ def _search_parser(sub) -> None:
     p.add_argument("--dataset", help="image folder, CSV manifest (path,label[,split]) or builtin:digits")
     p.add_argument("--backbones", type=c.parse_list, help=f"comma list of timm/plugin backbones (default {','.join(c.DEFAULT_BACKBONES)})")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init (marked on the leaderboard)")
-    p.add_argument("--weights", action="append", metavar="NAME=PATH", help="local .safetensors/.pth state dict for a backbone (repeatable)")
+    p.add_argument("--weights", action="append", metavar="NAME=PATH", help="weights for one backbone: a .safetensors/.pth file, a pretrain checkpoint folder, "
+                   "or 'random' for random init (repeatable)")
     p.add_argument("--frozen-stages", help="range LOW-HIGH or list, 'all' = whole backbone (default 0-all)")
     p.add_argument("--heads", type=c.parse_list, help="comma list of linear,mlp")
     p.add_argument("--head-hidden", type=lambda t: [int(v) for v in c.parse_list(t)], help="comma list of mlp widths (default 128,256,512)")
@@ -45,6 +46,8 @@ def _search_parser(sub) -> None:
     p.add_argument("--pruner", choices=c.PRUNERS, help="default median")
     p.add_argument("--trials", type=int, help="finished trials wanted in the study (default 20)")
     p.add_argument("--timeout", type=float, help="search seconds, counted over all runs of the study")
+    p.add_argument("--prerank", metavar="SCORER", help="score the backbones first (e.g. logme) and search only the best")
+    p.add_argument("--top-k", type=int, help="backbones kept by --prerank (default half, rounded up)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite file in --out)")
     p.add_argument("--study", help="study name (default derived from the dataset)")
     p.add_argument("--out", help="output folder (default runs/<study>)")
@@ -75,6 +78,26 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--plugin", action="append", default=[])
 
 
+def _rank_parser(sub) -> None:
+    from . import config as c
+
+    p = sub.add_parser("rank", help="rank backbones by transferability scores from one forward pass each")
+    p.add_argument("--dataset", required=True, help="target dataset (same forms as search)")
+    p.add_argument("--backbones", type=c.parse_list, default=list(c.DEFAULT_BACKBONES))
+    p.add_argument("--scorers", type=c.parse_list, help="comma list (default: every registered scorer)")
+    p.add_argument("--by", help="order by this scorer (default logme when scored, else the first of --scorers)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    p.add_argument("--weights", action="append", metavar="NAME=PATH|random", default=[])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out as in search; scores use the rest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for rank.csv/rank.md and the feature cache (default runs/<dataset>-rank)")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plugin", action="append", default=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Find the best way to transfer a pretrained image model to your dataset.")
     from . import __version__
@@ -94,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--plugin", action="append", default=[])
     _pretrain_parser(sub)
+    _rank_parser(sub)
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--plugin", action="append", default=[])
     return parser
@@ -107,7 +131,7 @@ def _search(args: argparse.Namespace) -> int:
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
                                       "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "seed",
-                                      "pruner", "trials", "timeout") if k in given}
+                                      "pruner", "trials", "timeout", "prerank", "top_k") if k in given}
     if "weights" in given:
         explicit["weights"] = c.parse_weights(given["weights"])
     if "lr" in given:
@@ -178,6 +202,35 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    from . import config as c
+    from .rank import default_by, default_scorers, rank_frame, score_backbones, to_markdown
+    from .search import RunOptions, Search, default_study_name
+
+    config = c.SearchConfig(dataset=args.dataset, backbones=args.backbones, pretrained=args.pretrained,
+                            weights=c.parse_weights(args.weights), image_size=args.image_size,
+                            val_fraction=args.val_fraction, seed=args.seed).validate()
+    out = Path(args.out or Path("runs") / f"{default_study_name(args.dataset)}-rank")
+    search = Search(config, RunOptions(out=out, storage="", study_name="", device=args.device, quiet=args.quiet,
+                                       plugins=tuple(args.plugin)))
+    names = args.scorers or default_scorers(search.registries)
+    by = args.by or default_by(names)
+    if by not in names:
+        raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
+    search.prepare()
+    frame = rank_frame(score_backbones(search, names), names, by)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "rank.csv", index=False)
+    (out / "rank.md").write_text(to_markdown(frame, names) + "\n")
+    print(frame.to_csv(index=False) if args.format == "csv" else to_markdown(frame, names))
+    if not args.quiet:
+        print(f"\nranked by {by} (higher transfers better; {NOT_APPLICABLE_NOTE}); {out / 'rank.csv'}", file=sys.stderr)
+    return 0
+
+
+NOT_APPLICABLE_NOTE = "n/a: the scorer needs a source head the backbone lacks"
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .checkpoints import path_name
     from .pretrain import PretrainConfig, pretrain
@@ -205,7 +258,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"search": _search, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
-            "plugins": _plugins}
+            "rank": _rank, "plugins": _plugins}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ class SearchConfig:
     pruner: str = "median"
     trials: int | None = 20
     timeout: float | None = None
+    prerank: str | None = None  # scorer that ranks the backbones before any training
+    top_k: int | None = None  # how many of the best-scored backbones the search keeps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +88,14 @@ class SearchConfig:
         for width in self.head_hidden:
             _check_positive("--head-hidden", width)
         parse_frozen_spec(self.frozen_stages)
+        if self.top_k is not None and self.prerank is None:
+            raise UserError("--top-k needs --prerank SCORER (e.g. --prerank logme --top-k 2)")
+        if self.prerank is not None:
+            if self.top_k is None:
+                self.top_k = max(1, math.ceil(len(self.backbones) / 2))
+            if not 1 <= self.top_k <= len(self.backbones):
+                raise UserError(f"--top-k must lie in 1..{len(self.backbones)} (the number of --backbones), "
+                                f"got {self.top_k}")
         unknown = sorted(set(self.weights) - set(self.backbones))
         if unknown:
             raise UserError(
@@ -164,8 +174,11 @@ def parse_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+RANDOM_WEIGHTS = "random"  # --weights NAME=random: random init for that backbone only
+
+
 def parse_weights(items: list[str]) -> dict[str, str]:
-    """Parse repeated `--weights NAME=PATH` options."""
+    """Parse repeated `--weights NAME=PATH` / `NAME=random` options."""
     weights: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")

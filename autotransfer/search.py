@@ -22,19 +22,20 @@ import torch
 
 from . import leaderboard
 from .backbones import BackboneInfo, WeightsRequest, provider_for
-from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, SearchConfig
+from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
 from .data import PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
 from .model import ModelCard, assemble, save_model
 from .plugins import plugin_manager, registries
-from .space import TrialParams, suggest
+from .space import TrialParams, first_trial, suggest
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs, train
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 ELAPSED_ATTR = "autotransfer_elapsed_s"
+PRERANK_ATTR = "autotransfer_prerank"
 RUN_FILE = "run.json"
 
 
@@ -149,7 +150,11 @@ def weights_label(request: WeightsRequest, source: str) -> str:
 
 
 def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
-    return WeightsRequest(pretrained=config.pretrained, file=config.weights.get(backbone))
+    """--weights NAME=PATH, --weights NAME=random, else the default weights unless --no-pretrained."""
+    file = config.weights.get(backbone)
+    if file == RANDOM_WEIGHTS:
+        return WeightsRequest(pretrained=False)
+    return WeightsRequest(pretrained=config.pretrained, file=file)
 
 
 # --------------------------------------------------------------------------- progress
@@ -196,12 +201,14 @@ class Search:
         for name in self.config.backbones:
             self.infos[name] = provider_for(name, self.registries).describe(name)
         for name, path in self.config.weights.items():
-            _check_checkpoint_architecture(name, path)
+            if path != RANDOM_WEIGHTS:
+                _check_checkpoint_architecture(name, path)
         refs = load_dataset(self.registries.dataset_source(self.config.dataset), self.config.dataset)
         self.native_size = native_size(refs.refs)
         decode_size = max(self._inputs(info).resize_size for info in self.infos.values())
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
+        torch.manual_seed(self.config.seed)  # random-init templates are reproducible (and cacheable)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
             provider_for(name, self.registries).create(name, weights_request(self.config, name))
 
@@ -241,6 +248,7 @@ class Search:
         self.prepare()
         study = self.open_study()
         progress = Progress(self.options.quiet, self.config.trials)
+        self.kept = self.prerank(study, progress) if self.config.prerank else None
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         elapsed_before = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
         timeout = None if self.config.timeout is None else self.config.timeout - elapsed_before
@@ -253,6 +261,34 @@ class Search:
             self._optimize(study, progress, timeout, elapsed_before)
         self.finish(study)
         return study
+
+    # -- scorer-guided search
+    def prerank(self, study: optuna.Study, progress: Progress) -> list[str]:
+        """Score every candidate once (stored in the study, so a resumed or joining worker reuses
+        the choice), keep the top k by --prerank, and open with one sensible trial per kept one."""
+        from .rank import default_scorers, rank_frame, score_backbones, to_markdown, top_k
+
+        stored = study.user_attrs.get(PRERANK_ATTR)
+        if stored is not None:
+            return list(stored["kept"])
+        by = self.config.prerank
+        names = [by, *[name for name in default_scorers(self.registries) if name != by]]
+        self.registries.scorer(by)  # an unknown --prerank fails here, before any extraction
+        progress.say(f"pre-ranking {len(self.config.backbones)} backbones with {', '.join(names)}")
+        results = score_backbones(self, names)
+        frame = rank_frame(results, names, by)
+        kept = top_k(results, by, self.config.top_k)
+        frame.insert(1, "kept", frame["backbone"].isin(kept))
+        frame.to_csv(self.out / "prerank.csv", index=False)
+        (self.out / "prerank.md").write_text(to_markdown(frame, names) + "\n")
+        progress.say(to_markdown(frame, names))
+        progress.say(f"keeping the top {len(kept)} by {by}: {', '.join(kept)}")
+        study.set_user_attr(PRERANK_ATTR, {"by": by, "scorers": names, "kept": kept,
+                                           "table": json.loads(frame.to_json(orient="records"))})
+        if not study.trials:
+            for name in kept:
+                study.enqueue_trial(first_trial(self.config, name, self.infos[name].num_stages), skip_if_exists=True)
+        return kept
 
     def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
         started = time.monotonic()
@@ -281,7 +317,7 @@ class Search:
                            callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
 
     def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
-        params = suggest(trial, self.config, lambda name: self.infos[name].num_stages)
+        params = suggest(trial, self.config, lambda name: self.infos[name].num_stages, getattr(self, "kept", None))
         info = self.infos[params.backbone]
         inputs = self._inputs(info)
         request = weights_request(self.config, params.backbone)
@@ -357,6 +393,9 @@ class Search:
     def finish(self, study: optuna.Study) -> None:
         frame = leaderboard.leaderboard_frame(study)
         leaderboard.write(frame, self.out)
+        stored = study.user_attrs.get(PRERANK_ATTR)
+        if stored is not None:
+            write_scorer_tau(stored, frame, self.out)
         best_card = self.out / "best" / "model.json"
         if best_card.exists():
             saved = json.loads(best_card.read_text()).get("trial")
@@ -367,6 +406,18 @@ class Search:
             if best_number is not None and saved != best_number:
                 log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
                             saved, best_number)
+
+
+def write_scorer_tau(stored: dict, frame, out: Path) -> None:
+    """How well each scorer predicted the best accuracy each trained backbone reached."""
+    import pandas as pd
+
+    from .rank import scorer_tau
+
+    complete = frame[frame["state"] == "COMPLETE"]
+    best = pd.to_numeric(complete["val_accuracy"], errors="coerce").groupby(complete["backbone"]).max()
+    scores = pd.DataFrame(stored["table"])
+    scorer_tau(scores, best, stored["scorers"]).to_csv(out / "scorer_tau.csv", index=False)
 
 
 def _check_checkpoint_architecture(name: str, path: str) -> None:

@@ -414,3 +414,24 @@ def test_unknown_backbone_suggests_near_names():
         provider_for("resnet1B", registries())
     assert "resnet1B" in str(info.value)
     assert isinstance(provider_for("test_resnet", registries()), TimmProvider)
+
+
+def test_source_classifier_from_offline_hf_cache(tmp_path):
+    hf_home = tmp_path / "hf"
+    state = _distinctive_state("test_resnet", seed=7)
+    file = _hf_cache(hf_home, state)
+    result = _run_python(f"""
+        import torch
+        from safetensors.torch import load_file
+        from autotransfer.backbones import TimmProvider, WeightsRequest
+        provider = TimmProvider()
+        head = provider.source_classifier({HUB_MODEL!r}, WeightsRequest(pretrained=True))
+        saved = load_file({str(file)!r})
+        features = provider.create({HUB_MODEL!r}, WeightsRequest(pretrained=True))
+        assert torch.equal(head.weight, saved["fc.weight"]) and torch.equal(head.bias, saved["fc.bias"])
+        assert head.in_features == features.num_features
+        assert provider.source_classifier({HUB_MODEL!r}, WeightsRequest(pretrained=False)) is None
+        print("OK", head.out_features)
+    """, hf_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["OK", str(state["fc.weight"].shape[0])]

@@ -1,0 +1,146 @@
+"""Pooled features of a backbone over a dataset: one forward pass, no augmentation, cached on disk.
+
+The cache key is a fingerprint of everything the features depend on: the backbone's weights (a
+hash of its tensors, so a changed file or checkpoint never hits a stale entry), the images (a
+hash of the decoded pixels), and the preprocessing (crop, resize, mean, std). Scores, rankings
+and later searches on the same data reuse an entry instead of running the backbone again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageSet, eval_transform
+from .trainer import EVAL_BATCH, TrialInputs, autocast_for
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    source_probs: np.ndarray | None  # (N, C_source) or None without a source head
+    seconds: float  # time the forward pass took when it ran (also for entries read from the cache)
+    cached: bool  # read from the cache in this call
+
+
+def tensors_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes, values): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def images_digest(images: ImageSet) -> str:
+    """The decoded pixels when in memory; for streamed sets, each file's identity (path, size, mtime)."""
+    digest = hashlib.sha256()
+    digest.update(images.labels.numpy().astype(np.int64).tobytes())
+    digest.update(f"size={getattr(images, 'size', images.decode_size)}".encode())
+    if images.in_memory:
+        digest.update(images.images.cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    for ref in images.refs:
+        if isinstance(ref, (bytes, bytearray)):
+            digest.update(ref)
+        elif isinstance(ref, np.ndarray):
+            digest.update(np.ascontiguousarray(ref).tobytes())
+        else:
+            stat = Path(ref).stat()
+            digest.update(f"{Path(ref).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def fingerprint(weights_digest: str, head_digest: str | None, data_digest: str, inputs: TrialInputs) -> str:
+    key = {"version": CACHE_VERSION, "weights": weights_digest, "source_head": head_digest, "data": data_digest,
+           "image_size": inputs.image_size, "resize_size": inputs.resize_size,
+           "mean": [round(v, 8) for v in inputs.mean], "std": [round(v, 8) for v in inputs.std]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def forward_features(backbone: nn.Module, source_head: nn.Module | None, images: ImageSet, inputs: TrialInputs,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features (and source-head probabilities) for every image, in order, in eval mode."""
+    backbone = backbone.to(device).eval()
+    head = source_head.to(device).eval() if source_head is not None else None
+    autocast, _ = autocast_for(device)
+    features, probs = [], []
+    for batch, _ in images.batches(EVAL_BATCH, shuffle=False, device=device):
+        with autocast():
+            pooled = backbone(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std))
+        pooled = pooled.float()
+        features.append(pooled.cpu())
+        if head is not None:
+            probs.append(head(pooled).float().softmax(dim=1).cpu())
+    stacked = torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
+    return stacked, (torch.cat(probs).double().numpy() if probs else None)
+
+
+class FeatureCache:
+    """`<folder>/<fingerprint>.safetensors`, written atomically; safe for concurrent readers."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> FeatureSet | None:
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                meta = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception:  # a torn or foreign file: recompute rather than fail
+            return None
+        return FeatureSet(tensors["features"], tensors["labels"], tensors.get("source_probs"),
+                          float(meta.get("seconds", "nan")), cached=True)
+
+    def put(self, key: str, features: FeatureSet, meta: dict[str, str]) -> None:
+        from safetensors.numpy import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": np.ascontiguousarray(features.features, dtype=np.float32),
+                   "labels": np.ascontiguousarray(features.labels, dtype=np.int64)}
+        if features.source_probs is not None:
+            tensors["source_probs"] = np.ascontiguousarray(features.source_probs, dtype=np.float64)
+        handle, staging = tempfile.mkstemp(prefix=f".{key}-", suffix=".safetensors", dir=self.folder)
+        os.close(handle)
+        save_file(tensors, staging, metadata={**meta, "seconds": f"{features.seconds:.6f}"})
+        os.replace(staging, self.path(key))
+
+
+def extract(backbone: nn.Module, source_head: nn.Module | None, images: ImageSet, inputs: TrialInputs,
+            device: torch.device, cache: FeatureCache | None, meta: dict[str, str] | None = None) -> FeatureSet:
+    """Features of `images` through `backbone`, from the cache when an identical pass was done before."""
+    key = fingerprint(tensors_digest(backbone), tensors_digest(source_head) if source_head is not None else None,
+                      images_digest(images), inputs)
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    start = time.perf_counter()
+    features, probs = forward_features(backbone, source_head, images, inputs, device)
+    result = FeatureSet(features, images.labels.numpy().astype(np.int64), probs, time.perf_counter() - start,
+                        cached=False)
+    if cache is not None:
+        cache.put(key, result, {k: str(v) for k, v in (meta or {}).items()})
+    return result
