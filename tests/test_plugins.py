@@ -77,7 +77,7 @@ def test_plugin_file_serves_every_hook(tmp_path, monkeypatch, capsys):
     listing = capsys.readouterr().out
     assert f"{EXAMPLE} (loaded by --plugin or AUTOTRANSFER_PLUGINS" in listing
     for needle in ("datasets: stripes", "backbones: stripenet (stripenet)", "scorers: mean_feature_norm",
-                   "callbacks: trial_started, epoch_ended, trial_finished", "scorers: hscore, leep, nce"):
+                   "callbacks: trial_started, epoch_ended, trial_finished", "scorers: hscore, leep, nce, logme, hscore_shrink, nleep"):
         assert needle in listing
 
 
