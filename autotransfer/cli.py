@@ -120,7 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_parser(sub)
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--plugin", action="append", default=[])
+    _bench_parser(sub)
     return parser
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark suites: run methods nightly into a store, report leaderboards")
+    actions = p.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    r = actions.add_parser("run", help="run a suite file; append one row per (dataset, method, seed) to the store")
+    r.add_argument("suite", help="suite file (TOML), e.g. benchmarks/suites/smoke.toml")
+    r.add_argument("--results", default="benchmarks/results", help="store folder: <suite name>.csv (default %(default)s)")
+    r.add_argument("--work", default="runs/bench", help="scratch folder for studies and caches (default %(default)s)")
+    r.add_argument("--only-dataset", help="run only this dataset of the suite (as written in the file)")
+    r.add_argument("--run-id", help="rows already stored under this id are skipped (default <night>_<suite>)")
+    r.add_argument("--night", help="date YYYY-MM-DD to record (default today, UTC), for tests and backfills")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--quiet", action="store_true")
+    r = actions.add_parser("report", help="HTML + Markdown leaderboards, history and regression flags")
+    r.add_argument("--results", default="benchmarks/results", help="store folder (default %(default)s)")
+    r.add_argument("--suite", help="only this suite (default: every suite store in --results)")
+    r.add_argument("--out", default="report.html", help="HTML page; the Markdown twin goes beside it (.md)")
+    r.add_argument("--threshold", type=float, default=2.0, help="accuracy drop flagged, in percentage points (default 2.0)")
+    r.add_argument("--slowdown", type=float, default=0.25, help="wall-time growth flagged, as a fraction (default 0.25)")
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -257,7 +278,30 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": _search, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "run":
+        from .bench.runner import RunRequest, run_suite
+
+        try:
+            run_suite(RunRequest(suite=Path(args.suite), results=Path(args.results), work=Path(args.work),
+                                 only_dataset=args.only_dataset, run_id=args.run_id, night=args.night,
+                                 quiet=args.quiet, device=args.device))
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; finished rows are kept in {args.results}; run the same command again "
+                  "(same night or --run-id) to fill in the rest", file=sys.stderr)
+            return 130
+        return 0
+    from .bench.report import ReportRequest, write_report
+
+    html, markdown, flags = write_report(ReportRequest(results=Path(args.results), suite=args.suite, out=Path(args.out),
+                                                       threshold=args.threshold, slowdown=args.slowdown))
+    print(f"wrote {html} and {markdown}; {len(flags)} regression(s)")
+    for flag in flags:
+        print(f"REGRESSION {flag}")
+    return 0
+
+
+COMMANDS = {"bench": _bench, "search": _search, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
             "rank": _rank, "plugins": _plugins}
 
 

@@ -10,7 +10,7 @@ if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(torch.__versi
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
     2> >(grep -v "is ignored: it is neither" >&2)
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]" \
   2> >(grep -v "is ignored: it is neither" >&2)
 for plugin in plugins/*/pyproject.toml; do  # the example plugin packages, so their tests run too
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e "$(dirname "$plugin")" \
