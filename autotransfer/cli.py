@@ -54,6 +54,29 @@ def _search_parser(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--plugin", action="append", help="plugin module or file.py to load (repeatable)")
+    p.add_argument("--workers", type=int, help="run N local worker processes on the study (see docs/distributed.md)")
+    p.add_argument("--gpus", help="GPU indices for the workers, one worker per GPU (default all visible)")
+    p.add_argument("--trials-per-gpu", type=int, help="workers sharing each GPU, for small models (default 1)")
+    p.add_argument("--create-only", action="store_true", help="create the study and exit; start `autotransfer worker`s on it")
+    _heartbeat_argument(p)
+
+
+def _heartbeat_argument(p) -> None:
+    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a trial silent for 3x this "
+                   "is failed and retried by another worker (default 30)")
+
+
+def _worker_parser(sub) -> None:
+    p = sub.add_parser("worker", help="join a study in a shared storage and run its trials (any number of machines)")
+    p.add_argument("--storage", required=True, help="the study's storage URL, e.g. postgresql+psycopg2://USER:PW@HOST/DB")
+    p.add_argument("--study", required=True, help="study name, created by `autotransfer search`")
+    p.add_argument("--out", help="output folder: tensorboard, checkpoints, best/ (default runs/<study>; "
+                   "shared between machines so a retried trial finds its checkpoint)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for this worker (default: torch's)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plugin", action="append", default=[])
+    _heartbeat_argument(p)
 
 
 def _pretrain_parser(sub) -> None:
@@ -105,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _search_parser(sub)
+    _worker_parser(sub)
     p = sub.add_parser("leaderboard", help="rebuild the leaderboard from the storage (also while a search runs)")
     p.add_argument("run_dir", nargs="?", help="a search's --out folder")
     p.add_argument("--storage")
@@ -164,16 +188,28 @@ def _search(args: argparse.Namespace) -> int:
     study_name = given.get("study") or default_study_name(explicit["dataset"])
     out = Path(given.get("out") or Path("runs") / study_name)
     storage = given.get("storage") or default_storage(out)
+    local = _local_workers(given)
     config = merge_config(explicit, stored_config(storage, study_name))
     options = RunOptions(out=out, storage=storage, study_name=study_name, device=given.get("device", "auto"),
-                         quiet=given.get("quiet", False), plugins=tuple(given.get("plugin", [])))
+                         quiet=given.get("quiet", False), plugins=tuple(given.get("plugin", [])),
+                         **_heartbeat(given.get("heartbeat")))
     search = Search(config, options)
+    launch = None
+    if given.get("create_only"):
+        launch = lambda study: None  # noqa: E731 - the workers run the trials
+    elif local is not None:
+        launch = local.bind(search, options)
     try:
-        study = search.run()
+        study = search.run(launch=launch)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished trials are kept in {storage} (study {study_name!r}); "
-              "run the same command again to resume", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished trials are kept in {storage} (study {study_name!r}); the running "
+              "trial is recorded as interrupted and resumes from its checkpoint when you run the same command again",
+              file=sys.stderr)
         return 130
+    if given.get("create_only"):
+        print(f"study {study_name!r} is ready; start workers with: {PROG} worker --storage {storage} --study {study_name}",
+              file=sys.stderr)
+        return 0
     frame = leaderboard.leaderboard_frame(study)
     print(leaderboard.to_markdown(frame))
     if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
@@ -182,6 +218,54 @@ def _search(args: argparse.Namespace) -> int:
     if not options.quiet:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
+    return local.status() if local is not None else 0
+
+
+def _heartbeat(value: int | None) -> dict:
+    if value is None:
+        return {}
+    if value < 1:
+        raise UserError(f"--heartbeat must be a positive number of seconds, got {value}")
+    return {"heartbeat_s": value}
+
+
+def _local_workers(given: dict):
+    """`--workers N` / `--trials-per-gpu M`: checked before any data is read."""
+    if "workers" not in given and "trials_per_gpu" not in given:
+        if "gpus" in given:
+            raise UserError("--gpus needs --workers N (or --trials-per-gpu M)")
+        return None
+    from .launch import LocalWorkers
+
+    return LocalWorkers.plan(given.get("workers"), given.get("gpus"), given.get("trials_per_gpu"),
+                             given.get("device", "auto"))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .search import RunOptions, Search, stored_config
+    from .storage import shown
+
+    config = stored_config(args.storage, args.study)
+    if config is None:
+        raise UserError(f"no study {args.study!r} in {shown(args.storage)}; create it first with "
+                        f"{PROG} search --dataset ... --storage URL --study {args.study} --create-only")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = RunOptions(out=Path(args.out or Path("runs") / args.study), storage=args.storage, study_name=args.study,
+                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), **_heartbeat(args.heartbeat))
+    try:
+        study = Search(config, options).run()
+    except KeyboardInterrupt:
+        print(f"{PROG}: worker interrupted; its running trial is recorded as interrupted and re-queued, and resumes "
+              "from its checkpoint in the next worker", file=sys.stderr)
+        return 130
+    finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    if not args.quiet:
+        print(f"{PROG}: worker done; study {args.study!r} has {finished} finished trial(s)", file=sys.stderr)
     return 0
 
 
@@ -301,7 +385,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": _bench, "search": _search, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
+COMMANDS = {"bench": _bench, "search": _search, "worker": _worker, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
             "rank": _rank, "plugins": _plugins}
 
 

@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import torch
@@ -26,11 +27,13 @@ from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfi
 from .data import PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
-from .model import ModelCard, assemble, save_model
+from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
+from .resilience import fit, publish_best
 from .space import TrialParams, first_trial, suggest
+from .storage import DEFAULT_HEARTBEAT_S, open_storage
 from .tracking import TrialLog
-from .trainer import EpochStats, NonFiniteLoss, TrialInputs, train
+from .trainer import EpochStats, NonFiniteLoss, TrialInputs
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -50,6 +53,7 @@ class RunOptions:
     quiet: bool = False
     plugins: tuple[str, ...] = ()
     memory_budget: int | None = None
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a worker silent for 3x this long is dead; its trial is retried
 
 
 # --------------------------------------------------------------------------- naming and storage
@@ -81,13 +85,14 @@ def stored_config(storage: str, study_name: str) -> SearchConfig | None:
     """The configuration saved in an existing study, or None when there is no such study."""
     if _sqlite_missing(storage):
         return None
+    opened = open_storage(storage, None)
     try:
-        names = optuna.get_all_study_names(storage)
+        names = optuna.get_all_study_names(opened)
     except Exception as exc:
         raise UserError(f"cannot open storage {storage!r}: {type(exc).__name__}: {exc}") from None
     if study_name not in names:
         return None
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=opened)
     data = study.user_attrs.get(CONFIG_ATTR)
     if data is None:
         raise UserError(f"study {study_name!r} in {storage} was not created by autotransfer; use another --study name")
@@ -217,8 +222,9 @@ class Search:
 
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(self.options.storage, self.options.heartbeat_s)
         try:
-            study = optuna.create_study(study_name=self.options.study_name, storage=self.options.storage,
+            study = optuna.create_study(study_name=self.options.study_name, storage=storage,
                                         direction="maximize", pruner=self._pruner(), load_if_exists=True)
         except Exception as exc:
             raise UserError(f"cannot open storage {self.options.storage!r}: {type(exc).__name__}: {exc}") from None
@@ -244,7 +250,9 @@ class Search:
         return optuna.pruners.NopPruner()
 
     # -- the run
-    def run(self) -> optuna.Study:
+    def run(self, launch: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
+        """Prepare, open the study and run trials in this process, or hand the study to `launch`
+        (local worker processes) once it is ready."""
         self.prepare()
         study = self.open_study()
         progress = Progress(self.options.quiet, self.config.trials)
@@ -258,7 +266,10 @@ class Search:
         else:
             if finished:
                 progress.say(f"resuming study {self.options.study_name!r}: {finished} finished trial(s) kept")
-            self._optimize(study, progress, timeout, elapsed_before)
+            if launch is not None:
+                launch(study)
+            else:
+                self._optimize(study, progress, timeout, elapsed_before)
         self.finish(study)
         return study
 
@@ -291,30 +302,14 @@ class Search:
         return kept
 
     def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
-        started = time.monotonic()
-        failures = {"count": 0}
-        max_failures = max(3, self.config.trials or 10)
+        from .worker import WorkerLoop, quiet_expected_failures, stop_on_sigterm
 
-        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            study.set_user_attr(ELAPSED_ATTR, elapsed_before + time.monotonic() - started)
-            if trial.state == optuna.trial.TrialState.FAIL:
-                failures["count"] += 1
-                progress.say(f"trial {trial.number} failed: {trial.user_attrs.get('reason', 'unknown error')}")
-                if failures["count"] >= max_failures:
-                    progress.say(f"stopping: {failures['count']} trials failed in this run")
-                    study.stop()
-            elif trial.state == optuna.trial.TrialState.PRUNED:
-                progress.say(f"trial {trial.number} pruned: {trial.user_attrs.get('reason', '')}")
-            else:
-                progress.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
-
-        callbacks = [after_trial]
-        if self.config.trials is not None:
-            callbacks.insert(0, optuna.study.MaxTrialsCallback(self.config.trials, states=FINISHED))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(lambda trial: self.objective(study, trial, progress), n_trials=None, timeout=timeout,
-                           callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+        quiet_expected_failures()
+        restore = stop_on_sigterm()
+        try:
+            WorkerLoop(self, study, progress, timeout, elapsed_before).run()
+        finally:
+            restore()
 
     def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
         params = suggest(trial, self.config, lambda name: self.infos[name].num_stages, getattr(self, "kept", None))
@@ -351,19 +346,19 @@ class Search:
                     raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
                                              f"with val_acc {stats.val_accuracy:.4f}")
 
-            history = train(model, self.data.train.at_size(inputs.resize_size), self.data.val.at_size(inputs.resize_size),
+            history = fit(self, trial, model, self.data.train.at_size(inputs.resize_size), self.data.val.at_size(inputs.resize_size),
                             inputs, optimizer_name=params.optimizer, lr=params.lr, epochs=self.config.epochs,
                             batch_size=self.config.batch_size, device=self.device,
                             seed=self.config.seed + trial.number, on_epoch=on_epoch)
             value = history[-1].val_accuracy
             best = _best_value(study)
-            if best is None or value > best:
+            if best is None or value >= best:
                 card = ModelCard(
                     backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
                     head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                     image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                     mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, trial=trial.number)
-                save_model(model, card, self.out / "best")
+                publish_best(study, model, card, self.out / "best")
             state = "COMPLETE"
             return value
         except optuna.TrialPruned as exc:
@@ -399,10 +394,8 @@ class Search:
         best_card = self.out / "best" / "model.json"
         if best_card.exists():
             saved = json.loads(best_card.read_text()).get("trial")
-            try:
-                best_number = study.best_trial.number
-            except ValueError:
-                best_number = None
+            complete = frame[frame["state"] == "COMPLETE"]
+            best_number = int(complete["trial"].iloc[0]) if len(complete) else None  # ties: the lower number
             if best_number is not None and saved != best_number:
                 log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
                             saved, best_number)

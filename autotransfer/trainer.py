@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import ImageSet, eval_transform, train_transform
+from .train_state import TrainState
 
 EVAL_BATCH = 128
 
@@ -84,8 +85,13 @@ def accuracy(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: to
 
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, *,
           optimizer_name: str, lr: float, epochs: int, batch_size: int, device: torch.device, seed: int,
-          on_epoch: Callable[[EpochStats], None] = lambda stats: None) -> list[EpochStats]:
-    """Train the trainable parameters with cosine-decayed `lr`; `on_epoch` may raise to stop (pruning)."""
+          on_epoch: Callable[[EpochStats], None] = lambda stats: None, accumulation: int = 1,
+          resume: TrainState | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
+          ) -> list[EpochStats]:
+    """Train the trainable parameters with cosine-decayed `lr`; `on_epoch` may raise to stop (pruning).
+
+    `accumulation` splits each batch into micro-batches (same effective batch, less memory);
+    `resume` continues after its epoch; `on_checkpoint` gets the state after every epoch."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -100,22 +106,26 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: Tria
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
     loss_fn = nn.CrossEntropyLoss()
     history: list[EpochStats] = []
-    for epoch in range(1, epochs + 1):
+    if resume is not None:
+        resume.restore(model, optimizer, schedule, scaler, generator)
+        history = [EpochStats(**stats) for stats in resume.history]
+    for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         epoch_lr = optimizer.param_groups[0]["lr"]
         model.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
         for images, labels in train_set.batches(batch_size, shuffle=True, generator=generator, device=device):
-            batch = train_transform(images, inputs.image_size, inputs.mean, inputs.std, generator)
-            with autocast():
-                loss = loss_fn(model(batch), labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for part, part_labels in micro_batches(images, labels, accumulation):
+                batch = train_transform(part, inputs.image_size, inputs.mean, inputs.std, generator)
+                with autocast():
+                    loss = loss_fn(model(batch), part_labels)
+                scaler.scale(loss * (len(part_labels) / len(labels))).backward()
+                loss_sum += loss.detach().float() * len(part_labels)  # stays on the device: no sync per step
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            loss_sum += loss.detach().float() * len(labels)  # stays on the device: no sync per step
             seen += len(labels)
         train_loss = float(loss_sum.item()) / max(seen, 1)
         if not math.isfinite(train_loss):
@@ -123,5 +133,14 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: Tria
         stats = EpochStats(epoch, train_loss, accuracy(model, val_set, inputs, device), epoch_lr,
                            time.perf_counter() - start)
         history.append(stats)
+        if on_checkpoint is not None:
+            on_checkpoint(TrainState.capture(epoch, model, optimizer, schedule, scaler, generator,
+                                             [vars(s) for s in history]))
         on_epoch(stats)
     return history
+
+
+def micro_batches(images: torch.Tensor, labels: torch.Tensor, parts: int):
+    """Split one batch into `parts` micro-batches of at least two images each (BatchNorm needs two)."""
+    parts = max(1, min(parts, len(labels) // 2))
+    return zip(torch.tensor_split(images, parts), torch.tensor_split(labels, parts))

@@ -1,0 +1,143 @@
+"""`search --workers N`: N local `autotransfer worker` processes on one study, pinned one GPU each.
+
+The processes are the same `autotransfer worker` a cluster runs, so one machine and many behave
+alike; this module only plans their devices and threads, starts them, relays their output with a
+`[worker i]` prefix and waits for them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable
+
+from .config import parse_list
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    index: int
+    gpu: str | None  # CUDA_VISIBLE_DEVICES for the process; None: CPU, or whatever --device says
+    threads: int  # CPU threads, so N workers do not oversubscribe the cores
+
+
+def parse_gpus(text: str | None, visible: int) -> list[str]:
+    """`--gpus 0,2`; default every visible GPU (none on a CPU-only machine)."""
+    if text is None:
+        return [str(i) for i in range(visible)]
+    tokens = parse_list(text)
+    if not tokens or not all(t.isdigit() for t in tokens) or len(set(tokens)) != len(tokens):
+        raise UserError(f"--gpus {text!r}: give distinct GPU indices, e.g. --gpus 0,1")
+    if visible == 0:
+        raise UserError(f"--gpus {text} given but CUDA sees no GPU; leave out --gpus to run the workers on CPU")
+    bad = [t for t in tokens if int(t) >= visible]
+    if bad:
+        raise UserError(f"--gpus {text}: GPU {bad[0]} does not exist ({visible} visible: 0-{visible - 1})")
+    return tokens
+
+
+def plan_workers(workers: int | None, gpus: list[str], per_gpu: int | None, cores: int) -> list[WorkerPlan]:
+    """Round robin over the GPUs, at most `per_gpu` workers on each; without GPUs, share the cores."""
+    if per_gpu is not None and per_gpu < 1:
+        raise UserError(f"--trials-per-gpu must be at least 1, got {per_gpu}")
+    if workers is None:
+        if not gpus:
+            raise UserError("--trials-per-gpu needs GPUs; give --workers N to run N workers on CPU")
+        workers = len(gpus) * (per_gpu or 1)
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    threads = max(1, cores // workers)
+    if not gpus:
+        return [WorkerPlan(i, None, threads) for i in range(workers)]
+    needed = math.ceil(workers / len(gpus))
+    if needed > (per_gpu or 1):
+        raise UserError(f"--workers {workers} on {len(gpus)} GPU(s) puts {needed} workers on a GPU; "
+                        f"add --trials-per-gpu {needed} (small models) or lower --workers")
+    return [WorkerPlan(i, gpus[i % len(gpus)], threads) for i in range(workers)]
+
+
+@dataclass
+class LocalWorkers:
+    """The planned local workers of one `search --workers N`, and how they ended."""
+
+    plans: list[WorkerPlan]
+    codes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, workers: int | None, gpus: str | None, per_gpu: int | None, device: str) -> "LocalWorkers":
+        if device == "cpu":
+            if gpus is not None:
+                raise UserError("--gpus with --device cpu: leave out one of them")
+            return cls(plan_workers(workers, [], per_gpu, os.cpu_count() or 1))
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return cls(plan_workers(workers, parse_gpus(gpus, visible), per_gpu, os.cpu_count() or 1))
+
+    def bind(self, search: Any, options: Any) -> Callable[[Any], None]:
+        """What `Search.run` calls once the study exists: start the workers on it and wait."""
+        def run(study: Any) -> None:
+            search.data = None  # each worker loads its own copy; the parent only supervises
+            pinned = any(plan.gpu is not None for plan in self.plans)
+            args = ["--storage", options.storage, "--study", options.study_name, "--out", str(options.out),
+                    "--heartbeat", str(options.heartbeat_s), "--device", "cuda" if pinned else options.device]
+            for plugin in options.plugins:
+                args += ["--plugin", plugin]
+            if options.quiet:
+                args.append("--quiet")
+            self.codes = launch(self.plans, args)
+        return run
+
+    def status(self) -> int:
+        """0 when every worker succeeded; else one line per failed worker and the first failure's status."""
+        failed = [(i, code) for i, code in enumerate(self.codes) if code != 0]
+        for index, code in failed:
+            print(f"autotransfer: worker {index} exited with status {code}", file=sys.stderr)
+        return 0 if not failed else (failed[0][1] if failed[0][1] > 0 else 1)
+
+
+def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
+    """Start `autotransfer worker` per plan and wait; Ctrl-C is passed on once to each worker, which
+    records its running trial as interrupted and exits. Returns the exit statuses."""
+    processes: list[subprocess.Popen] = []
+    relays: list[threading.Thread] = []
+    for plan in plans:
+        env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads)}
+        if plan.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = plan.gpu
+        command = [sys.executable, "-m", "autotransfer.cli", "worker", *worker_args, "--threads", str(plan.threads)]
+        # Own session: a terminal's Ctrl-C reaches only this process, which forwards exactly one SIGINT.
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        relay = threading.Thread(target=_relay, args=(process.stderr, f"[worker {plan.index}] "), daemon=True)
+        relay.start()
+        processes.append(process)
+        relays.append(relay)
+    try:
+        codes = [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the workers finish recording
+        try:
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+            for process in processes:
+                process.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        raise
+    for relay in relays:
+        relay.join()
+    return codes
+
+
+def _relay(stream: IO[str], prefix: str) -> None:
+    for line in stream:
+        sys.stderr.write(prefix + line)
+        sys.stderr.flush()

@@ -1,0 +1,134 @@
+"""Trials that outlive their worker: per-epoch checkpoints and resume, one halved-batch retry on
+CUDA out-of-memory, and a best/ folder that stays right when several workers finish at once."""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from .data import ImageSet
+from .model import CONFIG_FILE, ModelCard, TransferModel, save_model
+from .train_state import TrainState, load_trained_tensors, trained_tensors
+from .trainer import EpochStats, TrialInputs, train
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+KEY_ATTR = "checkpoint_key"  # set on a trial's first run; retried copies inherit it with the user attrs
+RESUMED_ATTR = "resumed_from_epoch"
+OOM_RETRY_ATTR = "oom_retry"
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    """`<out>/checkpoints/trial-<key>/state.pt`, shared by a trial and its retries."""
+
+    folder: Path
+
+    @classmethod
+    def for_key(cls, out: Path, key: int) -> "CheckpointStore":
+        return cls(Path(out) / CHECKPOINT_DIR / f"trial-{key}")
+
+    @property
+    def path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def save(self, state: TrainState) -> None:
+        state.save(self.path)
+
+    def load(self) -> TrainState | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return TrainState.load(self.path)
+        except Exception as exc:  # a foreign or damaged file: start the trial afresh rather than fail it
+            log.warning("ignoring unreadable checkpoint %s: %s: %s", self.path, type(exc).__name__, exc)
+            return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def checkpoint_key(user_attrs: dict[str, Any], number: int) -> int:
+    return int(user_attrs.get(KEY_ATTR, number))
+
+
+def fit(search: Any, trial: optuna.Trial, model: TransferModel, train_set: ImageSet, val_set: ImageSet,
+        inputs: TrialInputs, *, batch_size: int, device: torch.device, **kwargs: Any) -> list[EpochStats]:
+    """`trainer.train` with a checkpoint after every epoch, resuming from the trial's (or the trial
+    it retries) last one, and on CUDA out-of-memory one retry at half the batch with two-step
+    gradient accumulation, so the effective batch and the schedule stay the same."""
+    store = CheckpointStore.for_key(search.out, checkpoint_key(trial.user_attrs, trial.number))
+    resume = store.load()
+    if resume is not None:
+        replay(trial, resume)
+    start = {name: t.detach().to("cpu", copy=True) for name, t in trained_tensors(model).items()}
+    accumulation = 1
+    while True:
+        try:
+            return train(model, train_set, val_set, inputs, batch_size=batch_size, device=device,
+                         accumulation=accumulation, resume=resume, on_checkpoint=store.save, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            if accumulation > 1 or batch_size < 4:
+                raise
+        accumulation = 2
+        release_memory(device)  # outside the except block, so the traceback's tensors are gone
+        trial.set_user_attr(OOM_RETRY_ATTR, f"batch {batch_size} as 2 x {batch_size // 2} (gradient accumulation)")
+        log.warning("trial %d: CUDA out of memory at batch %d; retrying at %d with gradient accumulation",
+                    trial.number, batch_size, batch_size // 2)
+        resume = store.load()
+        if resume is None:
+            load_trained_tensors(model, start)
+
+
+def replay(trial: optuna.Trial, state: TrainState) -> None:
+    """Give the resuming trial its predecessor's finished epochs, for the pruner and the leaderboard."""
+    trial.set_user_attr(RESUMED_ATTR, state.epoch)
+    for stats in state.history:
+        trial.report(stats["val_accuracy"], stats["epoch"])
+    trial.set_user_attr("epochs_done", state.epoch)
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- best/
+
+def publish_best(study: optuna.Study, model: nn.Module, card: ModelCard, folder: Path) -> bool:
+    """Compare with what best/ holds and replace it only when better, under a file lock, so two
+    workers finishing together cannot leave the worse model there. Ties go to the lower trial
+    number, as on the leaderboard."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        card_file = folder / CONFIG_FILE
+        current = json.loads(card_file.read_text()) if card_file.is_file() else None
+        if current is not None and not _beats(study, card, current):
+            return False
+        save_model(model, card, folder)
+        return True
+
+
+def _beats(study: optuna.Study, card: ModelCard, current: dict[str, Any]) -> bool:
+    if current.get("val_accuracy") is None or card.val_accuracy != current["val_accuracy"]:
+        return current.get("val_accuracy") is None or card.val_accuracy > current["val_accuracy"]
+    if current.get("trial") is None or card.trial < current["trial"]:
+        return True
+    # An equal, earlier trial keeps its place unless it died before it was recorded (this may be its retry).
+    alive = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    return states.get(current["trial"]) not in alive

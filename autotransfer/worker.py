@@ -1,0 +1,221 @@
+"""Workers: processes that take trials from one shared study until its budget is spent.
+
+There is no scheduler: every worker runs the same loop against the Optuna storage. The budget
+(`--trials N` finished trials) is kept exact without a lock because the storage numbers trials
+one at a time (Optuna locks the study row), so all workers agree on their order: a trial runs
+only if fewer than N live trials (finished, running or queued) precede it, and otherwise it is
+recorded as failed with reason `surplus` before any work. Finished trials of other workers are
+never lost: a worker that dies stops sending heartbeats, its trial is failed after the grace
+period and re-queued (Optuna's heartbeat and retry callback), and its retry resumes from the
+trial's last per-epoch checkpoint (`resilience.fit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .resilience import KEY_ATTR, CheckpointStore, checkpoint_key
+from .storage import grace_period
+
+log = logging.getLogger(__name__)
+WORKER_ATTR = "worker"  # host:pid of the process running the trial; marks trials that send heartbeats
+POLL_S = 2.0
+SURPLUS = "surplus: other workers filled the --trials budget first; not run"
+INTERRUPTED = "interrupted"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SurplusTrial(Exception):
+    """This trial would exceed the budget; it is failed before any work."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- the budget
+
+@dataclass(frozen=True)
+class Tally:
+    finished: int
+    running: int
+    waiting: int
+
+
+def live(trial: FrozenTrial, now: datetime, grace_s: float) -> bool:
+    """Counts against the budget: finished, queued, or running in a live worker. A RUNNING trial
+    without a worker mark is a just-created one (count it) or an orphan from a run without
+    heartbeats that nothing will ever finish (ignore it once it is older than the grace period)."""
+    if trial.state in FINISHED or trial.state == TrialState.WAITING:
+        return True
+    if trial.state != TrialState.RUNNING:
+        return False
+    if WORKER_ATTR in trial.user_attrs or trial.datetime_start is None:
+        return True
+    return (now - trial.datetime_start).total_seconds() < grace_s
+
+
+def tally(trials: list[FrozenTrial], grace_s: float) -> Tally:
+    now = datetime.now()
+    return Tally(finished=sum(t.state in FINISHED for t in trials),
+                 running=sum(t.state == TrialState.RUNNING and live(t, now, grace_s) for t in trials),
+                 waiting=sum(t.state == TrialState.WAITING for t in trials))
+
+
+def admitted(trials: list[FrozenTrial], number: int, budget: int | None, grace_s: float) -> bool:
+    """Whether trial `number` fits: fewer than `budget` live trials have a lower number."""
+    if budget is None:
+        return True
+    now = datetime.now()
+    return sum(t.number < number and live(t, now, grace_s) for t in trials) < budget
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class WorkerLoop:
+    """Runs trials of `search` in `study` until the budget or the timeout is spent."""
+
+    search: Any  # search.Search
+    study: optuna.Study
+    progress: Any  # search.Progress
+    timeout: float | None
+    elapsed_before: float
+
+    def __post_init__(self) -> None:
+        self.budget: int | None = self.search.config.trials
+        self.grace_s = float(grace_period(self.search.options.heartbeat_s or 1))
+        self.started = time.monotonic()
+        self.failures = 0
+        self.max_failures = max(3, self.budget or 10)
+        self.stopped = False
+
+    def run(self) -> None:
+        waiting_said = False
+        while not self.stopped:
+            fail_stale(self.study)
+            counts = tally(self.study.get_trials(deepcopy=False), self.grace_s)
+            if self.budget is not None and counts.finished >= self.budget:
+                return
+            if self.timeout is not None and time.monotonic() - self.started >= self.timeout:
+                return
+            if self.budget is not None and not counts.waiting and counts.finished + counts.running >= self.budget:
+                if not waiting_said:  # the budget is in other workers' hands unless one of them dies
+                    self.progress.say(f"waiting for {counts.running} trial(s) running in other workers")
+                    waiting_said = True
+                time.sleep(POLL_S)
+                continue
+            waiting_said = False
+            self._one_trial()
+
+    def _one_trial(self) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.optimize(self._objective, n_trials=1, callbacks=[self._after_trial], catch=(Exception,),
+                                    gc_after_trial=False)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Our heartbeats stalled past the grace period, another worker failed and re-queued the trial.
+            self.progress.say("a trial of this worker was taken over by another worker (heartbeats were late)")
+        except KeyboardInterrupt:
+            self._requeue_interrupted()
+            raise
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        self.current = trial.number
+        if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.budget, self.grace_s):
+            trial.set_user_attr("reason", SURPLUS)
+            raise SurplusTrial(SURPLUS)
+        if KEY_ATTR not in trial.user_attrs:
+            trial.set_user_attr(KEY_ATTR, trial.number)
+        if trial.user_attrs.get("reason"):  # inherited from the failed run this one retries
+            trial.set_user_attr("reason", "")
+        try:
+            return self.search.objective(self.study, trial, self.progress)
+        except KeyboardInterrupt:
+            trial.set_user_attr("reason", f"{INTERRUPTED}: stopped by the user; its checkpoint is kept for the re-run")
+            raise
+
+    def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        study.set_user_attr(_elapsed_attr(), self.elapsed_before + time.monotonic() - self.started)
+        reason = trial.user_attrs.get("reason", "")
+        if reason != SURPLUS:
+            CheckpointStore.for_key(self.search.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
+        if trial.state == TrialState.FAIL:
+            if reason == SURPLUS:
+                self.progress.say(f"trial {trial.number} not run: the budget is full")
+                return
+            self.failures += 1
+            self.progress.say(f"trial {trial.number} failed: {reason or 'unknown error'}")
+            if self.failures >= self.max_failures:
+                self.progress.say(f"stopping: {self.failures} trials failed in this run")
+                self.stopped = True
+        elif trial.state == TrialState.PRUNED:
+            self.progress.say(f"trial {trial.number} pruned: {reason}")
+        else:
+            self.progress.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
+
+    def _requeue_interrupted(self) -> None:
+        """Queue a copy of the interrupted trial, as the heartbeat retry would, so a re-run resumes it."""
+        number = getattr(self, "current", None)
+        if number is None:
+            return
+        frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+        if frozen is None or frozen.state != TrialState.FAIL or not frozen.user_attrs.get("reason", "").startswith(INTERRUPTED):
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, frozen)
+
+
+def _elapsed_attr() -> str:
+    from .search import ELAPSED_ATTR
+
+    return ELAPSED_ATTR
+
+
+def fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class _QuietExpectedFailures(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a surplus or interrupted trial is no error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (SurplusTrial, KeyboardInterrupt))
+
+
+def quiet_expected_failures() -> None:
+    """On Optuna's handlers: a logger's own filters do not see its children's records."""
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _QuietExpectedFailures) for f in handler.filters):
+            handler.addFilter(_QuietExpectedFailures())
+
+
+def stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (Slurm preemption, Kubernetes eviction) stops like Ctrl-C: the trial is recorded as
+    interrupted and re-queued. Returns a function restoring the previous handler."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (e.g. inside a test runner's thread): leave it
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
