@@ -100,6 +100,7 @@ class WorkerLoop:
         self.failures = 0
         self.max_failures = max(3, self.budget or 10)
         self.stopped = False
+        self.current: int | None = None  # the trial this worker runs, for Ctrl-C
 
     def run(self) -> None:
         waiting_said = False
@@ -169,10 +170,9 @@ class WorkerLoop:
 
     def _requeue_interrupted(self) -> None:
         """Queue a copy of the interrupted trial, as the heartbeat retry would, so a re-run resumes it."""
-        number = getattr(self, "current", None)
-        if number is None:
+        if self.current is None:
             return
-        frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+        frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.current), None)
         if frozen is None or frozen.state != TrialState.FAIL or not frozen.user_attrs.get("reason", "").startswith(INTERRUPTED):
             return
         with warnings.catch_warnings():
