@@ -225,7 +225,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from . import config as c
-    from .rank import default_by, default_scorers, rank_frame, score_backbones, to_markdown
+    from .rank import default_by, default_scorers, not_applicable_notes, rank_frame, score_backbones, to_markdown
     from .search import RunOptions, Search, default_study_name
 
     config = c.SearchConfig(dataset=args.dataset, backbones=args.backbones, pretrained=args.pretrained,
@@ -239,17 +239,17 @@ def _rank(args: argparse.Namespace) -> int:
     if by not in names:
         raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
     search.prepare()
-    frame = rank_frame(score_backbones(search, names), names, by)
+    results = score_backbones(search, names)
+    frame = rank_frame(results, names, by)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "rank.csv", index=False)
     (out / "rank.md").write_text(to_markdown(frame, names) + "\n")
     print(frame.to_csv(index=False) if args.format == "csv" else to_markdown(frame, names))
     if not args.quiet:
-        print(f"\nranked by {by} (higher transfers better; {NOT_APPLICABLE_NOTE}); {out / 'rank.csv'}", file=sys.stderr)
+        print(f"\nranked by {by} (higher transfers better); {out / 'rank.csv'}", file=sys.stderr)
+        for line in not_applicable_notes(results):
+            print(line, file=sys.stderr)
     return 0
-
-
-NOT_APPLICABLE_NOTE = "n/a: the scorer needs a source head the backbone lacks"
 
 
 def _pretrain(args: argparse.Namespace) -> int:
