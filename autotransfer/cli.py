@@ -48,6 +48,14 @@ def _search_parser(sub) -> None:
     p.add_argument("--timeout", type=float, help="search seconds, counted over all runs of the study")
     p.add_argument("--prerank", metavar="SCORER", help="score the backbones first (e.g. logme) and search only the best")
     p.add_argument("--top-k", type=int, help="backbones kept by --prerank (default half, rounded up)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                   help="train frozen stages from caches: pooled features when the whole backbone is frozen, "
+                        "boundary activations of --cache-views augmented views when part of it is "
+                        "(default on; --no-cache runs every trial's whole model every epoch)")
+    p.add_argument("--cache-views", type=int, help="augmented views per image cached at the freeze boundary (default 2)")
+    p.add_argument("--cache-memory", metavar="SIZE", help="memory for the boundary cache, e.g. 2GB or 512MiB; a trial "
+                   "that needs more trains the plain way (default: 2 GiB or a quarter of RAM, whichever is less)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the trained module (default off)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite file in --out)")
     p.add_argument("--study", help="study name (default derived from the dataset)")
     p.add_argument("--out", help="output folder (default runs/<study>)")
@@ -152,13 +160,16 @@ def _search(args: argparse.Namespace) -> int:
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
                                       "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "seed",
-                                      "pruner", "trials", "timeout", "prerank", "top_k") if k in given}
+                                      "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
+                                      "compile") if k in given}
     if "weights" in given:
         explicit["weights"] = c.parse_weights(given["weights"])
     if "lr" in given:
         explicit["lr"] = c.parse_range("--lr", given["lr"])
     if "head_dropout" in given:
         explicit["head_dropout"] = c.parse_range("--head-dropout", given["head_dropout"])
+    if "cache_memory" in given:
+        explicit["cache_memory"] = c.parse_size("--cache-memory", given["cache_memory"])
     if "dataset" not in explicit and not ("storage" in given and "study" in given):
         raise UserError("give --dataset PATH (or --storage URL --study NAME to resume a study)")
     study_name = given.get("study") or default_study_name(explicit["dataset"])
