@@ -48,6 +48,14 @@ def _search_parser(sub) -> None:
     p.add_argument("--timeout", type=float, help="search seconds, counted over all runs of the study")
     p.add_argument("--prerank", metavar="SCORER", help="score the backbones first (e.g. logme) and search only the best")
     p.add_argument("--top-k", type=int, help="backbones kept by --prerank (default half, rounded up)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                   help="train frozen stages from caches: pooled features when the whole backbone is frozen, "
+                        "boundary activations of --cache-views augmented views when part of it is "
+                        "(default on; --no-cache runs every trial's whole model every epoch)")
+    p.add_argument("--cache-views", type=int, help="augmented views per image cached at the freeze boundary (default 2)")
+    p.add_argument("--cache-memory", metavar="SIZE", help="memory for the boundary cache, e.g. 2GB or 512MiB; a trial "
+                   "that needs more trains the plain way (default: 2 GiB or a quarter of RAM, whichever is less)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the trained module (default off)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite file in --out)")
     p.add_argument("--study", help="study name (default derived from the dataset)")
     p.add_argument("--out", help="output folder (default runs/<study>)")
@@ -176,13 +184,16 @@ def _search(args: argparse.Namespace) -> int:
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
                                       "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "seed",
-                                      "pruner", "trials", "timeout", "prerank", "top_k") if k in given}
+                                      "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
+                                      "compile") if k in given}
     if "weights" in given:
         explicit["weights"] = c.parse_weights(given["weights"])
     if "lr" in given:
         explicit["lr"] = c.parse_range("--lr", given["lr"])
     if "head_dropout" in given:
         explicit["head_dropout"] = c.parse_range("--head-dropout", given["head_dropout"])
+    if "cache_memory" in given:
+        explicit["cache_memory"] = c.parse_size("--cache-memory", given["cache_memory"])
     if "dataset" not in explicit and not ("storage" in given and "study" in given):
         raise UserError("give --dataset PATH (or --storage URL --study NAME to resume a study)")
     study_name = given.get("study") or default_study_name(explicit["dataset"])
@@ -309,7 +320,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from . import config as c
-    from .rank import default_by, default_scorers, rank_frame, score_backbones, to_markdown
+    from .rank import default_by, default_scorers, not_applicable_notes, rank_frame, score_backbones, to_markdown
     from .search import RunOptions, Search, default_study_name
 
     config = c.SearchConfig(dataset=args.dataset, backbones=args.backbones, pretrained=args.pretrained,
@@ -323,17 +334,17 @@ def _rank(args: argparse.Namespace) -> int:
     if by not in names:
         raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
     search.prepare()
-    frame = rank_frame(score_backbones(search, names), names, by)
+    results = score_backbones(search, names)
+    frame = rank_frame(results, names, by)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "rank.csv", index=False)
     (out / "rank.md").write_text(to_markdown(frame, names) + "\n")
     print(frame.to_csv(index=False) if args.format == "csv" else to_markdown(frame, names))
     if not args.quiet:
-        print(f"\nranked by {by} (higher transfers better; {NOT_APPLICABLE_NOTE}); {out / 'rank.csv'}", file=sys.stderr)
+        print(f"\nranked by {by} (higher transfers better); {out / 'rank.csv'}", file=sys.stderr)
+        for line in not_applicable_notes(results):
+            print(line, file=sys.stderr)
     return 0
-
-
-NOT_APPLICABLE_NOTE = "n/a: the scorer needs a source head the backbone lacks"
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ PRUNERS = ("median", "hyperband", "none")
 CPU_IMAGE_SIZE_CAP = 160
 CONFIG_ATTR = "autotransfer_config"
 
-# Fields that may change between runs of one study: they steer the run, not the search space.
-RUN_FIELDS = frozenset({"trials", "timeout"})
+# Fields that may change between runs of one study: they steer the run (budget, memory, speed),
+# not what a trial trains on.
+RUN_FIELDS = frozenset({"trials", "timeout", "cache_memory", "compile"})
 
 
 @dataclass
@@ -46,6 +48,10 @@ class SearchConfig:
     timeout: float | None = None
     prerank: str | None = None  # scorer that ranks the backbones before any training
     top_k: int | None = None  # how many of the best-scored backbones the search keeps
+    cache: bool = True  # frozen stages from caches: pooled features, or boundary activations per view
+    cache_views: int = 2  # augmented views per image cached at the freeze boundary
+    cache_memory: int | None = None  # byte budget of the boundary cache; None: min(2 GiB, RAM / 4)
+    compile: bool = False  # torch.compile the trained module
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +75,9 @@ class SearchConfig:
             raise UserError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
+        _check_positive("--cache-views", self.cache_views)
+        if self.cache_memory is not None:
+            _check_positive("--cache-memory", self.cache_memory)
         if self.image_size is not None:
             _check_positive("--image-size", self.image_size)
         if self.trials is not None:
@@ -168,6 +177,23 @@ def parse_range(flag: str, text: str, cast=float) -> tuple[Any, Any]:
     if len(parts) != 2:
         raise UserError(f"{flag}: {text!r} is not LOW:HIGH")
     return parts[0], parts[1]
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(flag: str, text: str) -> int:
+    """A byte count: `2GB` (10^9), `512MiB` (2^20), `1.5G` (bare letters are binary) or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise UserError(f"{flag}: cannot read {text!r} as a size; write e.g. 2GB, 512MiB or a number of bytes")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise UserError(f"{flag} must be a positive size, got {text!r}; write e.g. 2GB or 512MiB")
+    return size
 
 
 def parse_list(text: str) -> list[str]:

@@ -14,6 +14,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -340,16 +341,37 @@ class ImageSet:
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 images, labels); a final batch of one is dropped in training (BatchNorm)."""
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        order = order.to(self.images.device)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            if shuffle and len(index) < 2:
-                break
+        for index in batch_order(len(self), batch_size, shuffle=shuffle, generator=generator,
+                                 device=self.images.device):
             images, labels = self.images[index], self.labels[index]
             if device is not None:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, labels = to_device(images, device), to_device(labels, device)
             yield images, labels
+
+
+def batch_order(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Index batches over n examples; one shuffle per call, and a final training batch of one is
+    dropped (BatchNorm). Every trial path draws its order here, so the same seed gives the same
+    batches whether a trial trains on images, cached features or cached activations."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if device is not None:
+        order = to_device(order, torch.device(device))
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        if shuffle and len(index) < 2:
+            break
+        yield index
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to `device` without making the host wait: host tensors bound for CUDA go through pinned
+    memory so the copy is asynchronous (a pageable copy would synchronise the stream)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -383,7 +405,7 @@ class StreamedView(ImageSet):
             if shuffle and len(labels) < 2:
                 break
             if device is not None:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, labels = to_device(images, device), to_device(labels, device)
             yield images, labels
 
 
@@ -479,9 +501,18 @@ def _check_classes(labels: np.ndarray, splits: np.ndarray, class_names: list[str
 # --------------------------------------------------------------------------- transforms
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    mean_t, std_t = _scaled_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean_t) / std_t
+
+
+@lru_cache(maxsize=64)
+def _scaled_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, 3, 1, 1) tensors on `device`, made once: building them per batch from
+    Python floats is a blocking host-to-device copy on CUDA."""
+    with torch.inference_mode(False):  # ordinary tensors, even when first asked for under inference mode
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        return to_device(mean_t, device), to_device(std_t, device)
 
 
 def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -497,7 +528,7 @@ def eval_transform(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 def train_transform(images: torch.Tensor, size: int, mean, std, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random resized crop (mild scale) + horizontal flip for a whole batch, as one grid sample."""
     n = images.shape[0]
-    rand = torch.rand((n, 5), generator=generator).to(images.device)
+    rand = to_device(torch.rand((n, 5), generator=generator), images.device)  # CPU draws: same on any device
     scale = TRAIN_SCALE[0] + (TRAIN_SCALE[1] - TRAIN_SCALE[0]) * rand[:, 0]
     log_ratio = math.log(TRAIN_RATIO[0]) + (math.log(TRAIN_RATIO[1]) - math.log(TRAIN_RATIO[0])) * rand[:, 1]
     ratio = torch.exp(log_ratio)

@@ -2,8 +2,10 @@
 
 The cache key is a fingerprint of everything the features depend on: the backbone's weights (a
 hash of its tensors, so a changed file or checkpoint never hits a stale entry), the images (a
-hash of the decoded pixels), and the preprocessing (crop, resize, mean, std). Scores, rankings
-and later searches on the same data reuse an entry instead of running the backbone again.
+hash of the decoded pixels), and the preprocessing (crop, resize, mean, std). Scores, rankings,
+fully frozen search trials and later searches on the same data reuse an entry instead of running
+the backbone again. Source-classifier probabilities are not cached: they are computed from the
+cached features (a cheap linear layer), so one entry serves callers with or without a source head.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from .data import ImageSet, eval_transform
 from .trainer import EVAL_BATCH, TrialInputs, autocast_for
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key no longer covers the source head
 
 
 @dataclass
@@ -64,30 +66,33 @@ def images_digest(images: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(weights_digest: str, head_digest: str | None, data_digest: str, inputs: TrialInputs) -> str:
-    key = {"version": CACHE_VERSION, "weights": weights_digest, "source_head": head_digest, "data": data_digest,
+def fingerprint(weights_digest: str, data_digest: str, inputs: TrialInputs) -> str:
+    key = {"version": CACHE_VERSION, "weights": weights_digest, "data": data_digest,
            "image_size": inputs.image_size, "resize_size": inputs.resize_size,
            "mean": [round(v, 8) for v in inputs.mean], "std": [round(v, 8) for v in inputs.std]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @torch.inference_mode()
-def forward_features(backbone: nn.Module, source_head: nn.Module | None, images: ImageSet, inputs: TrialInputs,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pooled features (and source-head probabilities) for every image, in order, in eval mode."""
+def forward_features(backbone: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device) -> np.ndarray:
+    """Pooled features for every image, in order, in eval mode (the batches `infer` uses)."""
     backbone = backbone.to(device).eval()
-    head = source_head.to(device).eval() if source_head is not None else None
     autocast, _ = autocast_for(device)
-    features, probs = [], []
+    features = []
     for batch, _ in images.batches(EVAL_BATCH, shuffle=False, device=device):
         with autocast():
             pooled = backbone(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std))
-        pooled = pooled.float()
-        features.append(pooled.cpu())
-        if head is not None:
-            probs.append(head(pooled).float().softmax(dim=1).cpu())
-    stacked = torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
-    return stacked, (torch.cat(probs).double().numpy() if probs else None)
+        features.append(pooled.float().cpu())
+    return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
+
+
+@torch.inference_mode()
+def head_probs(source_head: nn.Module, features: np.ndarray, device: torch.device) -> np.ndarray:
+    """Source-classifier probabilities (float64) from pooled features."""
+    head = source_head.to(device).eval()
+    rows = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    probs = [head(rows[i:i + EVAL_BATCH].to(device)).float().softmax(dim=1).cpu() for i in range(0, len(rows), EVAL_BATCH)]
+    return torch.cat(probs).double().numpy() if probs else np.zeros((0, 0))
 
 
 class FeatureCache:
@@ -111,8 +116,7 @@ class FeatureCache:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception:  # a torn or foreign file: recompute rather than fail
             return None
-        return FeatureSet(tensors["features"], tensors["labels"], tensors.get("source_probs"),
-                          float(meta.get("seconds", "nan")), cached=True)
+        return FeatureSet(tensors["features"], tensors["labels"], None, float(meta.get("seconds", "nan")), cached=True)
 
     def put(self, key: str, features: FeatureSet, meta: dict[str, str]) -> None:
         from safetensors.numpy import save_file
@@ -120,8 +124,6 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {"features": np.ascontiguousarray(features.features, dtype=np.float32),
                    "labels": np.ascontiguousarray(features.labels, dtype=np.int64)}
-        if features.source_probs is not None:
-            tensors["source_probs"] = np.ascontiguousarray(features.source_probs, dtype=np.float64)
         handle, staging = tempfile.mkstemp(prefix=f".{key}-", suffix=".safetensors", dir=self.folder)
         os.close(handle)
         save_file(tensors, staging, metadata={**meta, "seconds": f"{features.seconds:.6f}"})
@@ -129,18 +131,19 @@ class FeatureCache:
 
 
 def extract(backbone: nn.Module, source_head: nn.Module | None, images: ImageSet, inputs: TrialInputs,
-            device: torch.device, cache: FeatureCache | None, meta: dict[str, str] | None = None) -> FeatureSet:
-    """Features of `images` through `backbone`, from the cache when an identical pass was done before."""
-    key = fingerprint(tensors_digest(backbone), tensors_digest(source_head) if source_head is not None else None,
-                      images_digest(images), inputs)
-    if cache is not None:
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
-    start = time.perf_counter()
-    features, probs = forward_features(backbone, source_head, images, inputs, device)
-    result = FeatureSet(features, images.labels.numpy().astype(np.int64), probs, time.perf_counter() - start,
-                        cached=False)
-    if cache is not None:
-        cache.put(key, result, {k: str(v) for k, v in (meta or {}).items()})
+            device: torch.device, cache: FeatureCache | None, meta: dict[str, str] | None = None,
+            key: str | None = None) -> FeatureSet:
+    """Features of `images` through `backbone`, from the cache when an identical pass was done before;
+    `key` (from `fingerprint`) saves re-hashing weights and pixels when the caller already knows it."""
+    key = key or fingerprint(tensors_digest(backbone), images_digest(images), inputs)
+    result = cache.get(key) if cache is not None else None
+    if result is None:
+        start = time.perf_counter()
+        features = forward_features(backbone, images, inputs, device)
+        result = FeatureSet(features, images.labels.numpy().astype(np.int64), None, time.perf_counter() - start,
+                            cached=False)
+        if cache is not None:
+            cache.put(key, result, {k: str(v) for k, v in (meta or {}).items()})
+    if source_head is not None:
+        result.source_probs = head_probs(source_head, result.features, device)
     return result

@@ -10,7 +10,7 @@ import pandas as pd
 COLUMNS = [
     "rank", "trial", "state", "val_accuracy", "backbone", "pretrained", "frozen_stages", "num_stages",
     "head", "head_hidden", "head_dropout", "lr", "optimizer", "epochs", "trainable_params", "total_params",
-    "duration_s", "image_size", "reason",
+    "duration_s", "image_size", "cache", "reason",
 ]
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
@@ -49,6 +49,7 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict:
         "total_params": attrs.get("total_params"),
         "duration_s": round(duration, 2) if duration is not None else None,
         "image_size": attrs.get("image_size"),
+        "cache": attrs.get("cache"),
         "reason": attrs.get("reason", ""),
     }
 

@@ -28,6 +28,7 @@ class BackboneScores:
     extract_s: float
     cached: bool
     scores: dict[str, float | None] = field(default_factory=dict)  # None: not applicable or failed
+    reasons: dict[str, str] = field(default_factory=dict)  # scorer -> why its score is None
 
     def row(self, scorers: list[str]) -> dict:
         return {"backbone": self.backbone, "pretrained": self.pretrained,
@@ -74,21 +75,33 @@ def score_backbones(search, scorer_names: list[str], backbones: list[str] | None
         result = BackboneScores(name, weights_label(request, backbone.source), backbone.num_features,
                                 found.seconds, found.cached)
         for scorer in scorers:
-            result.scores[scorer.name] = _score_one(scorer, found, name)
+            result.scores[scorer.name], reason = _score_one(scorer, found, name)
+            if reason:
+                result.reasons[scorer.name] = reason
         results.append(result)
         del backbone
     return results
 
 
-def _score_one(scorer, found, backbone: str) -> float | None:
+def _score_one(scorer, found, backbone: str) -> tuple[float | None, str | None]:
+    """The score, or None and the reason it is missing."""
     try:
         value = scorer(found.features, found.labels, found.source_probs)
-    except NotApplicable:
-        return None
+    except NotApplicable as exc:
+        return None, str(exc)
     except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
         log.warning("scorer %s failed on %s: %s", scorer.name, backbone, exc)
-        return None
-    return value if math.isfinite(value) else None
+        return None, f"failed: {exc}"
+    return (value, None) if math.isfinite(value) else (None, f"non-finite value {value}")
+
+
+def not_applicable_notes(results: list[BackboneScores]) -> list[str]:
+    """One line per distinct reason a score is n/a, naming the backbones it hit."""
+    hit: dict[str, list[str]] = {}
+    for result in results:
+        for reason in result.reasons.values():
+            hit.setdefault(reason, []).append(result.backbone)
+    return [f"n/a on {', '.join(dict.fromkeys(backbones))}: {reason}" for reason, backbones in hit.items()]
 
 
 def rank_frame(results: list[BackboneScores], scorers: list[str], by: str) -> pd.DataFrame:

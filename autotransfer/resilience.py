@@ -10,16 +10,16 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import torch
 from torch import nn
 
-from .data import ImageSet
+from .fastpath import TrialPath
 from .model import CONFIG_FILE, ModelCard, TransferModel, save_model
 from .train_state import TrainState, load_trained_tensors, trained_tensors
-from .trainer import EpochStats, TrialInputs, train
+from .trainer import EpochStats
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -63,21 +63,23 @@ def checkpoint_key(user_attrs: dict[str, Any], number: int) -> int:
     return int(user_attrs.get(KEY_ATTR, number))
 
 
-def fit(search: Any, trial: optuna.Trial, model: TransferModel, train_set: ImageSet, val_set: ImageSet,
-        inputs: TrialInputs, *, batch_size: int, device: torch.device, **kwargs: Any) -> list[EpochStats]:
-    """`trainer.train` with a checkpoint after every epoch, resuming from the trial's (or the trial
-    it retries) last one, and on CUDA out-of-memory one retry at half the batch with two-step
-    gradient accumulation, so the effective batch and the schedule stay the same."""
+def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: TrialPath,
+              on_epoch: Callable[[EpochStats], None]) -> list[EpochStats]:
+    """Run the trial's planned path (plain, features or boundary) with a checkpoint after every
+    epoch, resuming from the trial's (or the trial it retries) last one, and on CUDA out-of-memory
+    one retry at half the batch with two-step gradient accumulation, so the effective batch and the
+    schedule stay the same. Checkpoints hold the whole `model`'s trained tensors, so one written on
+    one path resumes on another (a retry elsewhere may plan differently)."""
     store = CheckpointStore.for_key(search.out, checkpoint_key(trial.user_attrs, trial.number))
+    batch_size, device = path.settings.batch_size, path.settings.device
     resume = store.load()
     if resume is not None:
         replay(trial, resume)
     start = {name: t.detach().to("cpu", copy=True) for name, t in trained_tensors(model).items()}
-    accumulation = 1
+    accumulation = path.settings.accumulation
     while True:
         try:
-            return train(model, train_set, val_set, inputs, batch_size=batch_size, device=device,
-                         accumulation=accumulation, resume=resume, on_checkpoint=store.save, **kwargs)
+            return path.run(on_epoch, accumulation=accumulation, resume=resume, on_checkpoint=store.save)
         except torch.cuda.OutOfMemoryError:
             if accumulation > 1 or batch_size < 4:
                 raise

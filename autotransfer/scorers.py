@@ -105,7 +105,15 @@ def _class_mean_cov(centred: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def hscore(features: np.ndarray, labels: np.ndarray, source_probs=None) -> float:
-    """H-score (Bao et al., 2019): tr(cov(f)^+ cov(E[f | y])), the class separation of the features."""
+    """H-score (Bao et al., 2019): tr(cov(f)^+ cov(E[f | y])), the class separation of the features.
+
+    With no more samples than dimensions the centred features span their own N - 1 dimensions, the
+    class means lie inside that span, and the score is C - 1 for any features at all: not applicable
+    then (`hscore_shrink` is the estimator for that regime)."""
+    n, d = features.shape
+    if n <= d:
+        raise NotApplicable(f"hscore needs more samples than feature dimensions (N={n} <= D={d}: the plain "
+                            "H-score is C-1 for any features there); use hscore_shrink")
     centred = features - features.mean(axis=0)
     cov_f = centred.T @ centred / len(features)
     cov_g = _class_mean_cov(centred, labels)

@@ -27,9 +27,11 @@ from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfi
 from .data import PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
+from .fastpath import CachePolicy, FitSettings, TrialCaches, default_cache_memory
 from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
-from .resilience import fit, publish_best
+from .rank import FEATURES_DIR
+from .resilience import fit_trial, publish_best
 from .space import TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage
 from .tracking import TrialLog
@@ -179,6 +181,9 @@ class Progress:
         self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
                  f"head {head} {params.optimizer} lr {params.lr:.2e}")
 
+    def path(self, number: int, mode: str, note: str) -> None:
+        self.say(f"  trial {number}: {mode} path" + (f" ({note})" if note else ""))
+
     def epoch(self, number: int, stats: EpochStats, epochs: int, best: float | None) -> None:
         best_text = "-" if best is None else f"{best:.4f}"
         self.say(f"  trial {number} epoch {stats.epoch}/{epochs}: loss {stats.train_loss:.4f} "
@@ -200,6 +205,9 @@ class Search:
         self.registries = registries(tuple(self.options.plugins))
         self.lifecycle = Lifecycle(plugin_manager(tuple(self.options.plugins)))
         self.out = Path(self.options.out)
+        self.caches = TrialCaches(CachePolicy(
+            enabled=self.config.cache, views=self.config.cache_views, seed=self.config.seed,
+            memory=self.config.cache_memory or default_cache_memory(), folder=self.out / FEATURES_DIR))
 
     # -- preparation: everything that can fail on bad input happens before any trial runs
     def prepare(self) -> None:
@@ -346,10 +354,16 @@ class Search:
                     raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
                                              f"with val_acc {stats.val_accuracy:.4f}")
 
-            history = fit(self, trial, model, self.data.train.at_size(inputs.resize_size), self.data.val.at_size(inputs.resize_size),
-                            inputs, optimizer_name=params.optimizer, lr=params.lr, epochs=self.config.epochs,
-                            batch_size=self.config.batch_size, device=self.device,
-                            seed=self.config.seed + trial.number, on_epoch=on_epoch)
+            settings = FitSettings(params.optimizer, params.lr, self.config.epochs, self.config.batch_size, self.device,
+                                   self.config.seed + trial.number, self.config.compile)
+            path = self.caches.plan(model, (params.backbone, request), self.data.train.at_size(inputs.resize_size),
+                                    self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
+                                    params.num_stages, settings)
+            trial.set_user_attr("cache", path.mode)
+            if path.note:
+                trial.set_user_attr("cache_note", path.note)
+            progress.path(trial.number, path.mode, path.note)
+            history = fit_trial(self, trial, model, path, on_epoch)
             value = history[-1].val_accuracy
             best = _best_value(study)
             if best is None or value >= best:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .data import ImageSet, eval_transform, train_transform
+from .data import ImageSet, batch_order, eval_transform, to_device, train_transform
 from .train_state import TrainState
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH = 128
 
@@ -37,7 +41,26 @@ class EpochStats:
     train_loss: float
     val_accuracy: float
     lr: float
-    seconds: float
+    seconds: float  # the whole epoch: training pass and validation
+    train_seconds: float = 0.0  # the training pass alone, up to its one synchronisation at the epoch's end
+
+
+Batches = Callable[[int, torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class Trainee:
+    """What one trial trains, whichever path it takes (images, cached features, cached activations).
+
+    `module` is called on each training batch and its parameters that require gradients are
+    trained; `batches(epoch_index, generator)` yields (inputs, labels) on the device, ready for
+    `module`; `evaluate()` returns the validation accuracy.
+    """
+
+    module: nn.Module
+    size: int
+    batches: Batches
+    evaluate: Callable[[], float]
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -62,65 +85,170 @@ def autocast_for(device: torch.device) -> tuple[Callable[[], contextlib.Abstract
 
 
 @torch.inference_mode()
-def infer(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device) -> torch.Tensor:
+def infer(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device,
+          channels_last: bool = False) -> torch.Tensor:
     """Class probabilities for every image, in order; the one path shared by validation and predict."""
     model.eval()
     autocast, _ = autocast_for(device)
     outputs = []
     for batch, _ in images.batches(EVAL_BATCH, shuffle=False, device=device):
         with autocast():
-            logits = model(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std))
+            logits = model(memory_format(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std),
+                                         channels_last))
         outputs.append(logits.float().softmax(dim=1))
     if not outputs:
         return torch.empty((0, 0))
     return torch.cat(outputs)
 
 
-def accuracy(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device) -> float:
-    probs = infer(model, images, inputs, device)
+def accuracy(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device,
+             channels_last: bool = False) -> float:
+    probs = infer(model, images, inputs, device, channels_last)
     labels = images.labels.to(probs.device)
     correct = int((probs.argmax(dim=1) == labels).sum().item())
     return correct / max(len(labels), 1)
 
 
+def memory_format(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.dim() == 4 else batch
+
+
+def is_cnn(model: nn.Module) -> bool:
+    """Convolutions beyond a patch-embedding stem: the layout channels_last speeds up."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last for CNNs, on any device. CUDA convolutions want NHWC; on CPU (oneDNN) it was
+    measured on the 2-core dev box, hymenoptera at 160 px, whole model trained, epochs interleaved,
+    min of 6 under other load: MobileNetV1-0.25 0.74 s vs 0.96 s contiguous, resnet18 8.1 s vs
+    8.9 s. The medians were noisier (resnet18's favoured contiguous once), so the CPU gain is real
+    for depthwise nets and small for resnet18; `train(channels_last=False)` turns it off."""
+    return is_cnn(model)
+
+
+def compiled(module: nn.Module, device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
+    """torch.compile'd `module`, or the module itself with the reason when no compiler can serve.
+    Compilation happens at the first call; if that fails, training goes on eagerly with a warning."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cc):
+        return module, "compile skipped: no C++ compiler for torch.compile on CPU (install g++ or drop --compile)"
+    try:
+        return _EagerFallback(module, torch.compile(module)), "compiled"
+    except Exception as exc:  # e.g. an unsupported Python version for dynamo
+        return module, f"compile skipped: {type(exc).__name__}: {exc}"
+
+
+class _EagerFallback:
+    """Calls the compiled module; if its first call fails to compile, the eager module from then on."""
+
+    def __init__(self, module: nn.Module, compiled_module: Callable[..., torch.Tensor]):
+        self.module, self.compiled, self.proven = module, compiled_module, False
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.module(*args)
+        try:
+            out = self.compiled(*args)
+        except Exception as exc:
+            if self.proven:
+                raise
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(exc).__name__, str(exc)[:200])
+            self.compiled = None
+            return self.module(*args)
+        self.proven = True
+        return out
+
+
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, *,
           optimizer_name: str, lr: float, epochs: int, batch_size: int, device: torch.device, seed: int,
-          on_epoch: Callable[[EpochStats], None] = lambda stats: None, accumulation: int = 1,
+          on_epoch: Callable[[EpochStats], None] = lambda stats: None, augment: bool = True,
+          compile: bool = False, channels_last: bool | None = None, accumulation: int = 1,
           resume: TrainState | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
           ) -> list[EpochStats]:
-    """Train the trainable parameters with cosine-decayed `lr`; `on_epoch` may raise to stop (pruning).
+    """The plain path: every epoch runs the whole model on (augmented, unless `augment` is off)
+    image batches. Cosine-decayed `lr`; `on_epoch` may raise to stop (pruning); `accumulation`,
+    `resume` and `on_checkpoint` as in `fit`."""
+    model.to(device)
+    layout = wants_channels_last(model, device) if channels_last is None else channels_last
+    if layout:
+        model.to(memory_format=torch.channels_last)
+    train_set, val_set = resident(train_set, device), resident(val_set, device)
+    trainee = Trainee(model, len(train_set), image_batches(train_set, inputs, batch_size, device, augment, layout),
+                      lambda: accuracy(model, val_set, inputs, device, layout))
+    return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size, device=device,
+               seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation, resume=resume,
+               on_checkpoint=on_checkpoint)
 
-    `accumulation` splits each batch into micro-batches (same effective batch, less memory);
-    `resume` continues after its epoch; `on_checkpoint` gets the state after every epoch."""
+
+def resident(images: ImageSet, device: torch.device, share: float = 0.5) -> ImageSet:
+    """The images on the training device when they fit in `share` of its free memory; otherwise they
+    stay in host memory and each batch is copied over through pinned memory."""
+    if device.type == "cuda" and images.in_memory and images.images.device.type == "cpu":
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.images.numel() > share * free:
+            return images
+    return images.to(device)
+
+
+def image_batches(train_set: ImageSet, inputs: TrialInputs, batch_size: int, device: torch.device, augment: bool,
+                  channels_last: bool) -> Batches:
+    def batches(epoch: int, generator: torch.Generator):
+        for images, labels in train_set.batches(batch_size, shuffle=True, generator=generator, device=device):
+            if augment:
+                batch = train_transform(images, inputs.image_size, inputs.mean, inputs.std, generator)
+            else:
+                batch = eval_transform(images, inputs.image_size, inputs.mean, inputs.std)
+            yield memory_format(batch, channels_last), labels
+    return batches
+
+
+def fit(trainee: Trainee, *, optimizer_name: str, lr: float, epochs: int, batch_size: int, device: torch.device,
+        seed: int, on_epoch: Callable[[EpochStats], None] = lambda stats: None, compile: bool = False,
+        accumulation: int = 1, resume: TrainState | None = None,
+        on_checkpoint: Callable[[TrainState], None] | None = None,
+        state_module: nn.Module | None = None) -> list[EpochStats]:
+    """The training loop every path shares: optimizer, cosine schedule, mixed precision on CUDA,
+    the loss summed on the device (one synchronisation per epoch), validation after each epoch.
+
+    `accumulation` splits each batch from `trainee.batches` into micro-batches (same effective
+    batch and schedule, less memory); `resume` continues after its last epoch; `on_checkpoint`
+    gets the state after every epoch. Checkpoints hold the tensors of `state_module` (default
+    `trainee.module`): the paths pass the whole TransferModel, so a checkpoint written on one path
+    (features, boundary, plain) restores on any other, e.g. a retry on a machine that planned differently."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model.to(device)
-    train_set, val_set = train_set.to(device), val_set.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in trainee.module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(optimizer_name, trainable, lr)
-    steps_per_epoch = max(1, len(train_set) // batch_size + (len(train_set) % batch_size >= 2))
+    steps_per_epoch = max(1, trainee.size // batch_size + (trainee.size % batch_size >= 2))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr * 0.01)
     autocast, needs_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
     loss_fn = nn.CrossEntropyLoss()
+    forward: Callable[..., torch.Tensor] = trainee.module
+    if compile:
+        forward, note = compiled(trainee.module, device)
+        if forward is trainee.module:
+            log.warning("%s", note)
+    state_module = trainee.module if state_module is None else state_module
     history: list[EpochStats] = []
     if resume is not None:
-        resume.restore(model, optimizer, schedule, scaler, generator)
+        resume.restore(state_module, optimizer, schedule, scaler, generator)
         history = [EpochStats(**stats) for stats in resume.history]
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         epoch_lr = optimizer.param_groups[0]["lr"]
-        model.train()
+        trainee.module.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for images, labels in train_set.batches(batch_size, shuffle=True, generator=generator, device=device):
+        for batch, labels in trainee.batches(epoch - 1, generator):
             optimizer.zero_grad(set_to_none=True)
-            for part, part_labels in micro_batches(images, labels, accumulation):
-                batch = train_transform(part, inputs.image_size, inputs.mean, inputs.std, generator)
+            for part, part_labels in micro_batches(batch, labels, accumulation):
                 with autocast():
-                    loss = loss_fn(model(batch), part_labels)
+                    loss = loss_fn(forward(part), part_labels)
                 scaler.scale(loss * (len(part_labels) / len(labels))).backward()
                 loss_sum += loss.detach().float() * len(part_labels)  # stays on the device: no sync per step
             scaler.step(optimizer)
@@ -128,13 +256,13 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: Tria
             schedule.step()
             seen += len(labels)
         train_loss = float(loss_sum.item()) / max(seen, 1)
+        train_seconds = time.perf_counter() - start
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"non-finite training loss at epoch {epoch} (lr {lr:.3g} too high?)")
-        stats = EpochStats(epoch, train_loss, accuracy(model, val_set, inputs, device), epoch_lr,
-                           time.perf_counter() - start)
+        stats = EpochStats(epoch, train_loss, trainee.evaluate(), epoch_lr, time.perf_counter() - start, train_seconds)
         history.append(stats)
         if on_checkpoint is not None:
-            on_checkpoint(TrainState.capture(epoch, model, optimizer, schedule, scaler, generator,
+            on_checkpoint(TrainState.capture(epoch, state_module, optimizer, schedule, scaler, generator,
                                              [vars(s) for s in history]))
         on_epoch(stats)
     return history
@@ -144,3 +272,49 @@ def micro_batches(images: torch.Tensor, labels: torch.Tensor, parts: int):
     """Split one batch into `parts` micro-batches of at least two images each (BatchNorm needs two)."""
     parts = max(1, min(parts, len(labels) // 2))
     return zip(torch.tensor_split(images, parts), torch.tensor_split(labels, parts))
+
+
+def feature_batches(rows: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, batch_size: int,
+                    device: torch.device, channels_last: bool = False) -> Batches:
+    """Shuffled batches of precomputed rows (pooled features or boundary activations); with several
+    views of the rows, epoch e reads view e mod V. `labels` live on the rows' device."""
+    views = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+
+    def batches(epoch: int, generator: torch.Generator):
+        source = views[epoch % len(views)]
+        for index in batch_order(len(labels), batch_size, shuffle=True, generator=generator, device=source.device):
+            yield memory_format(to_device(source[index], device), channels_last), to_device(labels[index], device)
+    return batches
+
+
+@torch.inference_mode()
+def rows_accuracy(module: nn.Module, rows: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    """Validation accuracy of `module` on precomputed rows, counted on the device, read once."""
+    module.eval()
+    autocast, _ = autocast_for(device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(labels), EVAL_BATCH):
+        with autocast():
+            logits = module(to_device(rows[start:start + EVAL_BATCH], device))
+        correct += (logits.argmax(dim=1) == to_device(labels[start:start + EVAL_BATCH], device)).sum()
+    return int(correct.item()) / max(len(labels), 1)
+
+
+def train_on_features(model: nn.Module, train_features: torch.Tensor, train_labels: torch.Tensor,
+                      val_features: torch.Tensor, val_labels: torch.Tensor, *, optimizer_name: str, lr: float,
+                      epochs: int, batch_size: int, device: torch.device, seed: int,
+                      on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+                      compile: bool = False, accumulation: int = 1, resume: TrainState | None = None,
+                      on_checkpoint: Callable[[TrainState], None] | None = None) -> list[EpochStats]:
+    """The fully frozen path: train `model.head` on cached pooled features (clean centre crops, no
+    augmentation) with the plain path's optimizer, schedule, batches and seed. The backbone is
+    not run; `model` stays whole, so it can be saved and used for prediction as it is."""
+    head = model.head.to(device)
+    train_features, val_features = to_device(train_features.float(), device), to_device(val_features.float(), device)
+    train_labels = to_device(train_labels, device)
+    trainee = Trainee(head, len(train_labels), feature_batches(train_features, train_labels, batch_size, device),
+                      lambda: rows_accuracy(head, val_features, val_labels, device))
+    return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size, device=device,
+               seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation, resume=resume,
+               on_checkpoint=on_checkpoint, state_module=model)
+

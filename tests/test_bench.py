@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def copy_store(source: Path, target: Path, keep=lambda row: True) -> Path:
 
 def leaderboard_lines(markdown: str) -> list[str]:
     """The leaderboard table rows (not header) of the first dataset section."""
-    section = markdown.split("Latest night:", 1)[1].split("![", 1)[0]
+    section = markdown.split("latest night:", 1)[1].split("![", 1)[0]
     return [line for line in section.splitlines() if line.startswith("|")][2:]
 
 
@@ -62,6 +63,12 @@ def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
         assert row["night"] == NIGHT1 and row["run_id"] == f"{NIGHT1}_smoke" and row["budget_trials"] == "2"
         assert row["best_config"].startswith("{") and "backbone" in row["best_config"]
     assert {r["trials_complete"] for r in stored if r["method"] == "seed-recipe"} == {"1"}
+    for row in stored:  # the anytime curve rises, ends at the best accuracy and stays within the run
+        curve = json.loads(row["curve"])
+        assert curve, row["method"]
+        assert [a for _, a in curve] == sorted(set(a for _, a in curve))
+        assert curve[-1][1] == pytest.approx(float(row["best_val_accuracy"]), abs=1e-6)
+        assert all(0.0 <= t <= float(row["wall_s"]) + 1e-3 for t, _ in curve)
 
     out = tmp_path / "report" / "report.html"
     assert bench("report", "--results", smoke_store, "--out", out) == 0
@@ -70,7 +77,7 @@ def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
     assert "## smoke / builtin:digits" in markdown
     board = leaderboard_lines(markdown)
     assert len(board) == len(METHODS) and all(sum(f" {m} " in line for line in board) == 1 for m in METHODS)
-    assert "data:image/png;base64," in page
+    assert page.count("data:image/png;base64,") == 2  # accuracy vs wall time, history
     for name in [line.split("(", 1)[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:
         assert (out.parent / name).read_bytes().startswith(b"\x89PNG")
 
@@ -188,3 +195,24 @@ def test_report_ignores_other_csvs_and_says_when_there_is_no_store(tmp_path, cap
     shutil.copy(ROOT / "benchmarks" / "results" / "decode_cache.csv", tmp_path / "decode_cache.csv")
     assert bench("report", "--results", tmp_path, "--out", tmp_path / "r.html") == 2
     assert "no benchmark store" in capsys.readouterr().err
+
+
+def test_best_so_far_keeps_only_gains_in_time_order():
+    from autotransfer.bench.methods import best_so_far
+
+    assert best_so_far([(5.0, 0.7), (1.0, 0.5), (3.0, 0.4), (9.0, 0.7), (7.0, 0.9)]) == [(1.0, 0.5), (5.0, 0.7), (7.0, 0.9)]
+    assert best_so_far([]) == []
+
+
+def test_store_from_before_curves_gains_the_column_and_keeps_its_rows(tmp_path):
+    old_columns = COLUMNS[:-1]
+    path = tmp_path / "s.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({k: "1" for k in old_columns})
+    store = Store(path)
+    store.append({"night": "2", "run_id": "r2"})
+    stored = store.rows()
+    assert list(stored[0]) == COLUMNS and stored[0]["night"] == "1" and stored[0]["curve"] == ""
+    assert stored[1]["run_id"] == "r2" and len(stored) == 2

@@ -121,6 +121,22 @@ def test_predict_reproduces_leaderboard_accuracy(tmp_path):
     assert (preds["label"] == truth).mean() == pytest.approx(best["val_accuracy"], abs=1e-9)
 
 
+@pytest.mark.parametrize("frozen, path", [("all", "features"), ("2", "boundary")])
+def test_predict_reproduces_the_accuracy_of_a_cached_trial(tmp_path, frozen, path):
+    data = tmp_path / "digits"
+    write_digit_folder(data)
+    out = tmp_path / "run"
+    assert main(["search", "--dataset", str(data), "--backbones", "test_resnet", "--no-pretrained", "--trials", "1",
+                 "--epochs", "2", "--frozen-stages", frozen, "--out", str(out), "--quiet"]) == 0
+    best = pd.read_csv(out / "leaderboard.csv").iloc[0]
+    assert best["state"] == "COMPLETE" and best["cache"] == path
+    preds_file = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(out / "best"), str(data / "val"), "--output", str(preds_file)]) == 0
+    preds = pd.read_csv(preds_file)
+    truth = preds["path"].map(lambda p: Path(p).parent.name)
+    assert (preds["label"] == truth).mean() == pytest.approx(best["val_accuracy"], abs=1e-9)
+
+
 def test_leaderboard_command_rebuilds_from_storage(tmp_path, capsys):
     out = tmp_path / "lb"
     assert main(["search", "--dataset", "builtin:digits", "--backbones", "test_efficientnet", "--no-pretrained",
@@ -157,11 +173,13 @@ def bad_inputs(tmp: Path) -> dict[str, list[str]]:
         "unknown backbone": ["search", "--dataset", "builtin:digits", "--backbones", "resnet1B", *common],
         "trials 0": ["search", "--dataset", "builtin:digits", "--trials", "0", *common],
         "unknown pruner": ["search", "--dataset", "builtin:digits", "--pruner", "fastest", *common],
+        "cache memory": ["search", "--dataset", "builtin:digits", "--cache-memory", "lots", *common],
+        "cache views 0": ["search", "--dataset", "builtin:digits", "--cache-views", "0", *common],
     }
 
 
 @pytest.mark.parametrize("case", ["missing path", "empty folder", "one class", "csv missing column",
-                                  "unknown backbone", "trials 0", "unknown pruner"])
+                                  "unknown backbone", "trials 0", "unknown pruner", "cache memory", "cache views 0"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case):
     result = run_cli(*bad_inputs(tmp_path)[case])
     assert result.returncode == 2, result.stderr

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import optuna
 import pytest
 
 from autotransfer.config import (HEAD_HIDDEN, SearchConfig, parse_frozen_spec, parse_list, parse_range,
-                                 parse_weights, resolve_stage)
+                                 parse_size, parse_weights, resolve_stage)
 from autotransfer.errors import UserError
 from autotransfer.heads import HeadConfig
 from autotransfer.space import TrialParams, suggest
@@ -72,6 +73,8 @@ def test_valid_configs(changes):
     (dict(val_fraction=1.0), r"--val-fraction .* got 1.0"),
     (dict(val_fraction=0.0), r"--val-fraction .* got 0.0"),
     (dict(frozen_stages="deep"), r"--frozen-stages: bad value 'deep'"),
+    (dict(cache_views=0), r"--cache-views must be a positive integer, got 0"),
+    (dict(cache_memory=0), r"--cache-memory must be a positive integer, got 0"),
 ])
 def test_validate_errors_name_the_bad_value(changes, pattern):
     with pytest.raises(UserError, match=pattern):
@@ -201,6 +204,24 @@ def test_conflicts_with_ignores_run_fields():
     assert from_storage.conflicts_with(stored) == []
     as_lists = dataclasses.replace(stored, lr=list(stored.lr))  # list vs tuple is no conflict
     assert as_lists.conflicts_with(stored) == []
+
+
+def test_cache_memory_and_compile_may_change_on_resume_but_caching_may_not():
+    stored = _custom_config()
+    assert dataclasses.replace(stored, cache_memory=1 << 20, compile=True).conflicts_with(stored) == []
+    assert dataclasses.replace(stored, cache=False, cache_views=4).conflicts_with(stored) == ["cache", "cache_views"]
+
+
+@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512MiB", 512 << 20), ("1.5G", 3 << 29),
+                                        ("4096", 4096), (" 2 gib ", 2 << 30), ("10kB", 10_000)])
+def test_parse_size(text, size):
+    assert parse_size("--cache-memory", text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "", "2XB", "-1GB", "0", "0.1"])
+def test_parse_size_errors_name_value_and_fix(text):
+    with pytest.raises(UserError, match=r"--cache-memory.*" + re.escape(repr(text)) + r".*2GB"):
+        parse_size("--cache-memory", text)
 
 
 def test_conflicts_with_flags_search_changes():

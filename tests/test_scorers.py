@@ -292,3 +292,19 @@ def _bad_probs():
 def test_check_inputs_rejects_bad_input_naming_the_value(features, labels, probs, message):
     with pytest.raises(ValueError, match=message):
         check_inputs(features, labels, probs)
+
+
+def test_plain_hscore_is_not_applicable_without_more_samples_than_dimensions():
+    """At N <= D pinv(cov f) whitens the samples' whole span and H = C - 1 for pure noise too."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(20) % 2
+    noise = rng.normal(size=(20, 30))
+    centred = noise - noise.mean(axis=0)
+    between = np.stack([centred[labels == c].mean(axis=0) for c in (0, 1)])
+    weights = np.bincount(labels) / len(labels)
+    cov_g = (between.T * weights) @ between
+    degenerate = np.trace(np.linalg.pinv(centred.T @ centred / 20) @ cov_g)
+    assert degenerate == pytest.approx(1.0)  # the reason for refusing: noise scores the maximum C - 1
+    with pytest.raises(NotApplicable, match="N=20 <= D=30.*hscore_shrink"):
+        score("hscore", noise, labels)
+    assert 0 < score("hscore_shrink", noise, labels) < 1.0

@@ -33,6 +33,7 @@ class MethodResult:
     trials_pruned: int = 0
     trials_failed: int = 0
     best_config: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds in, best accuracy so far) at each gain
 
 
 @dataclass
@@ -91,11 +92,23 @@ def _study_result(study: optuna.Study, started: datetime, wall: float) -> Method
     count = {state: sum(t.state == state for t in trials) for state in (states.COMPLETE, states.PRUNED, states.FAIL)}
     complete = [t for t in trials if t.state == states.COMPLETE and t.value is not None]
     best = max(complete, key=lambda t: t.value) if complete else None
+    finished = sorted(complete, key=lambda t: t.datetime_complete)
     return MethodResult(
         best_val_accuracy=None if best is None else float(best.value),
         time_to_best_s=None if best is None else max(0.0, (best.datetime_complete - started).total_seconds()),
         wall_s=wall, trials_complete=count[states.COMPLETE], trials_pruned=count[states.PRUNED],
-        trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best))
+        trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best),
+        curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value))
+                           for t in finished]))
+
+
+def best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The anytime curve: keep a (time, accuracy) point only where it beats every earlier one."""
+    curve: list[tuple[float, float]] = []
+    for seconds, accuracy in sorted(points):
+        if not curve or accuracy > curve[-1][1]:
+            curve.append((round(seconds, 3), accuracy))
+    return curve
 
 
 def trial_config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -147,6 +160,7 @@ def linear_probe(run: MethodRun) -> MethodResult:
     cache = FeatureCache(run.work / "features")
     cs = [float(c) for c in run.options.get("C", PROBE_CS)]
     best: tuple[float, float, dict] | None = None
+    points: list[tuple[float, float]] = []
     complete = failed = 0
     for name in search.config.backbones:
         try:
@@ -162,13 +176,15 @@ def linear_probe(run: MethodRun) -> MethodResult:
             failed += 1
             continue
         complete += 1
+        points.append((time.perf_counter() - clock, accuracy))
         if best is None or accuracy > best[0]:
             best = (accuracy, time.perf_counter() - clock,
                     {"backbone": name, "C": c, "image_size": inputs.image_size,
                      "pretrained": backbone.source if backbone.source == "random init" else "pretrained"})
     if best is None:
         raise RuntimeError(f"the linear probe failed on every backbone ({failed})")
-    return MethodResult(best[0], best[1], time.perf_counter() - clock, complete, 0, failed, best[2])
+    return MethodResult(best[0], best[1], time.perf_counter() - clock, complete, 0, failed, best[2],
+                        best_so_far(points))
 
 
 def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

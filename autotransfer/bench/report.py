@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import io
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ class Section:
     history: pd.DataFrame
     flags: list[str]
     plots: dict[str, bytes] = field(default_factory=dict)  # caption -> PNG
+    label: str = ""  # the short name headings and plot files use; the dataset as written when empty
+
+    @property
+    def name(self) -> str:
+        return self.label or self.dataset
+
+
+def dataset_label(dataset: str) -> str:
+    """A short name for headings and files: a folder's or file's own name; `builtin:` and URLs as written."""
+    if re.match(r"^[A-Za-z][\w+.-]+:", dataset):
+        return dataset
+    return Path(dataset.rstrip("/\\")).name or dataset
 
 
 def _pyplot():
@@ -64,6 +77,7 @@ def load_results(results: Path, suite: str | None) -> pd.DataFrame:
         what = f"no store {results / f'{suite}.csv'}" if suite else f"no benchmark store (*.csv with a run_id column) in {results}"
         raise UserError(f"{what}; run `autotransfer bench run SUITE --results {results}` first")
     frame = pd.concat(frames, ignore_index=True)
+    frame["curve"] = frame["curve"].fillna("") if "curve" in frame else ""  # stores from before curves
     for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
@@ -128,8 +142,8 @@ def build_section(rows: pd.DataFrame, suite: str, dataset: str, threshold: float
     section = Section(suite, dataset, latest_night, board, history,
                       [f"{suite} / {dataset} / {m}: {why}" for m, why in flags.items()])
     plt = _pyplot()
-    section.plots["accuracy vs wall time"] = scatter_plot(plt, rows[rows["night"] == latest_night], dataset)
-    section.plots["history"] = history_plot(plt, history, dataset)
+    section.plots["accuracy vs wall time"] = anytime_plot(plt, rows[rows["night"] == latest_night], dataset_label(dataset))
+    section.plots["history"] = history_plot(plt, history, dataset_label(dataset))
     return section
 
 
@@ -167,17 +181,37 @@ def _num(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def scatter_plot(plt, rows: pd.DataFrame, dataset: str) -> bytes:
-    """One point per (method, seed): where each method sits on the accuracy / cost plane."""
+def anytime_plot(plt, rows: pd.DataFrame, dataset: str) -> bytes:
+    """Best accuracy so far against elapsed time, one step line per (method, seed), ending at the
+    run's wall time; rows recorded before curves were stored show as their final point."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, group in rows[rows["error"] == ""].groupby("method"):
-        ax.scatter(group["wall_s"], group["best_val_accuracy"] * 100, label=method, s=36, alpha=0.8)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, group) in enumerate(rows[rows["error"] == ""].groupby("method")):
+        colour = colours[i % len(colours)]
+        for j, (_, row) in enumerate(group.iterrows()):
+            label = method if j == 0 else None
+            points = run_curve(row)
+            if len(points) > 1:
+                ax.plot(*zip(*points), drawstyle="steps-post", color=colour, alpha=0.8, label=label)
+                ax.scatter(*points[-1], color=colour, s=16)
+            else:
+                ax.scatter(row["wall_s"], row["best_val_accuracy"] * 100, color=colour, s=36, alpha=0.8, label=label)
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("best val accuracy (%)")
     ax.set_title(f"{dataset}: accuracy vs wall time", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(plt, fig)
+
+
+def run_curve(row: pd.Series) -> list[tuple[float, float]]:
+    """(seconds, accuracy %) steps of one row, closed at its wall time; empty without a stored curve."""
+    if not row.get("curve"):
+        return []
+    points = [(float(t), float(a) * 100) for t, a in json.loads(row["curve"])]
+    if points and row["wall_s"] > points[-1][0]:
+        points.append((float(row["wall_s"]), points[-1][1]))
+    return points
 
 
 def history_plot(plt, history: pd.DataFrame, dataset: str) -> bytes:
@@ -202,8 +236,12 @@ def _png(plt, fig) -> bytes:
 
 
 def sections(frame: pd.DataFrame, threshold: float, slowdown: float) -> list[Section]:
-    return [build_section(rows, suite, dataset, threshold, slowdown)
-            for (suite, dataset), rows in frame.groupby(["suite", "dataset"], sort=True)]
+    built = [build_section(rows, suite, dataset, threshold, slowdown)
+             for (suite, dataset), rows in frame.groupby(["suite", "dataset"], sort=True)]
+    labels = [(section.suite, dataset_label(section.dataset)) for section in built]
+    for section, key in zip(built, labels):
+        section.label = key[1] if labels.count(key) == 1 else ""  # two folders of one name: keep full paths
+    return built
 
 
 # --------------------------------------------------------------------------- writing
@@ -223,7 +261,7 @@ def write_report(request: ReportRequest) -> tuple[Path, Path, list[str]]:
 
 
 def _plot_file(out: Path, section: Section, caption: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{out.stem}-{section.suite}-{section.dataset}-{caption}").strip("-")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{out.stem}-{section.suite}-{section.name}-{caption}").strip("-")
     return out.with_name(f"{name}.png")
 
 
@@ -236,7 +274,8 @@ def render_markdown(built: list[Section], flags: list[str], request: ReportReque
     lines = ["# Benchmark report", "", _criteria(request) + ".", ""]
     lines += ["**Regressions:**", *[f"- REGRESSION {f}" for f in flags], ""] if flags else ["No regressions.", ""]
     for section in built:
-        lines += [f"## {section.suite} / {section.dataset}", "", f"Latest night: {section.night}", "",
+        lines += [f"## {section.suite} / {section.name}", "",
+                  f"Dataset `{section.dataset}`, latest night: {section.night}", "",
                   section.leaderboard.to_markdown(index=False), ""]
         for caption, png in section.plots.items():
             path = _plot_file(out, section, caption)
@@ -261,8 +300,8 @@ def render_html(built: list[Section], flags: list[str], request: ReportRequest) 
     else:
         parts.append("<p>No regressions.</p>")
     for section in built:
-        parts += [f"<h2>{html.escape(section.suite)} / {html.escape(section.dataset)}</h2>",
-                  f"<p>Latest night: {html.escape(section.night)}</p>",
+        parts += [f"<h2>{html.escape(section.suite)} / {html.escape(section.name)}</h2>",
+                  f"<p>Dataset <code>{html.escape(section.dataset)}</code>, latest night: {html.escape(section.night)}</p>",
                   section.leaderboard.to_html(index=False, classes="leaderboard", border=0)]
         for caption, png in section.plots.items():
             data = base64.b64encode(png).decode("ascii")

@@ -129,7 +129,8 @@ def result_row(result: MethodResult) -> dict:
     return {"best_val_accuracy": result.best_val_accuracy, "time_to_best_s": _round(result.time_to_best_s),
             "wall_s": _round(result.wall_s), "trials_complete": result.trials_complete,
             "trials_pruned": result.trials_pruned, "trials_failed": result.trials_failed,
-            "best_config": json.dumps(result.best_config, sort_keys=True, default=str), "error": ""}
+            "best_config": json.dumps(result.best_config, sort_keys=True, default=str), "error": "",
+            "curve": json.dumps([[round(t, 3), round(a, 6)] for t, a in result.curve])}
 
 
 def _round(value: float | None) -> float | None:

@@ -18,7 +18,7 @@ from ..errors import UserError
 COLUMNS = [
     "night", "run_id", "git_commit", "torch", "timm", "optuna", "cpu", "gpu", "suite", "dataset", "method", "seed",
     "budget_trials", "budget_timeout_s", "epochs", "best_val_accuracy", "time_to_best_s", "wall_s",
-    "trials_complete", "trials_pruned", "trials_failed", "best_config", "error",
+    "trials_complete", "trials_pruned", "trials_failed", "best_config", "error", "curve",
 ]
 KEY = ("dataset", "method", "seed")
 
@@ -58,9 +58,25 @@ class Store:
     def _check_header(self) -> None:
         with open(self.path, newline="") as handle:
             header = next(csv.reader(handle), [])
-        if header != COLUMNS:
-            raise UserError(f"{self.path} has other columns than this version writes; move it aside or use "
-                            "another --results folder")
+        if header == COLUMNS:
+            return
+        if header and header == COLUMNS[:len(header)]:
+            self._add_columns()
+            return
+        raise UserError(f"{self.path} has other columns than this version writes; move it aside or use "
+                        "another --results folder")
+
+    def _add_columns(self) -> None:
+        """An older store lacks the newest columns: rewrite it once with them empty, atomically."""
+        rows = self.rows()
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(staging, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: row.get(k) or "" for k in COLUMNS} for row in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, self.path)
 
 
 def environment() -> dict[str, str]:

@@ -1,0 +1,228 @@
+"""Trial paths: cached features for frozen backbones, boundary replay for partly frozen ones, the plain
+path as the reference both must match. Tiny timm models, random init, CPU."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from autotransfer.backbones import WeightsRequest, provider_for
+from autotransfer.boundary import NoBoundary, Replay, ReplayedModel, capture, verified_boundary
+from autotransfer.cli import main
+from autotransfer.data import BuiltinSource, eval_transform, prepare
+from autotransfer.fastpath import CachePolicy, FitSettings, TrialCaches
+from autotransfer.heads import HeadConfig
+from autotransfer.model import TransferModel, assemble
+from autotransfer.plugins import registries
+from autotransfer.trainer import TrialInputs, train
+
+CPU = torch.device("cpu")
+INPUTS = TrialInputs(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare(BuiltinSource().load("builtin:digits:0-4"), 32, val_fraction=0.3, seed=0)
+
+
+def tiny_model(name: str, frozen: int, head: HeadConfig = HeadConfig("linear"), classes: int = 5) -> TransferModel:
+    torch.manual_seed(0)
+    backbone = provider_for(name, registries()).create(name, WeightsRequest(pretrained=False))
+    return assemble(backbone, head, classes, frozen)
+
+
+def num_stages(name: str) -> int:
+    return provider_for(name, registries()).describe(name).num_stages
+
+
+def settings(epochs: int = 3, seed: int = 7) -> FitSettings:
+    return FitSettings("adam", 3e-3, epochs, 32, CPU, seed)
+
+
+# --------------------------------------------------------------------------- fully frozen
+
+@pytest.mark.parametrize("head", [HeadConfig("linear"), HeadConfig("mlp", 64, 0.3)])
+def test_cached_features_match_the_uncached_path_without_augmentation(digits, tmp_path, head):
+    stages = num_stages("test_resnet")
+    plain_model = tiny_model("test_resnet", stages, head)
+    cached_model = copy.deepcopy(plain_model)
+    plain = train(plain_model, digits.train, digits.val, INPUTS, augment=False, **settings().kwargs())
+
+    caches = TrialCaches(CachePolicy(folder=tmp_path))
+    path = caches.plan(cached_model, ("test_resnet", "random"), digits.train, digits.val, INPUTS, stages, stages,
+                       settings())
+    assert path.mode == "features" and "extracted" in path.note
+    cached = path.run(lambda stats: None)
+
+    one_image = 1 / len(digits.val)
+    for a, b in zip(plain, cached):
+        assert abs(a.val_accuracy - b.val_accuracy) <= one_image + 1e-9
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-3)
+        assert b.train_seconds > 0 and b.seconds >= b.train_seconds
+    for p, c in zip(plain_model.head.parameters(), cached_model.head.parameters()):
+        assert torch.allclose(p, c, atol=1e-4)
+    assert [p.data_ptr() for p in cached_model.backbone.parameters()]  # still the whole model
+
+    again = TrialCaches(CachePolicy(folder=tmp_path)).plan(copy.deepcopy(plain_model), ("test_resnet", "random"),
+                                                           digits.train, digits.val, INPUTS, stages, stages, settings())
+    assert again.note == "features read from the cache"
+
+
+# --------------------------------------------------------------------------- boundary replay
+
+REPLAY_CASES = [("test_resnet", k) for k in (1, 2, 4)] + [("test_efficientnet", k) for k in (1, 3, 5)] + \
+               [("test_vit", k) for k in (1, 3, 6)]
+
+
+@pytest.mark.parametrize("name, frozen", REPLAY_CASES)
+def test_boundary_replay_reproduces_the_forward_pass_and_its_gradients(digits, name, frozen):
+    model = tiny_model(name, frozen)
+    images = eval_transform(digits.train.images[:6], 32, INPUTS.mean, INPUTS.std)
+    boundary = verified_boundary(model.backbone, images)
+    activation = capture(model.backbone, boundary, images)
+    assert tuple(activation.shape[1:]) == boundary.shape
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+        with Replay(model.backbone, boundary) as replay:
+            got = ReplayedModel(model, replay)(activation)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    # In training mode too (the tail's BatchNorm on batch statistics): same loss, same gradients.
+    plain, replayed = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    labels = digits.train.labels[:6]
+    nn.functional.cross_entropy(plain(images), labels).backward()
+    boundary = verified_boundary(replayed.backbone, images)
+    cached = capture(replayed.backbone, boundary, images)
+    with Replay(replayed.backbone, boundary) as replay:
+        logits = ReplayedModel(replayed, replay)(cached)
+    nn.functional.cross_entropy(logits, labels).backward()
+    pairs = [(a.grad, b.grad) for a, b in zip(plain.parameters(), replayed.parameters()) if a.requires_grad]
+    assert pairs and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in pairs)
+
+
+class SkipNet(nn.Module):
+    """A stem whose output is also used after the trainable body: no single boundary activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.num_features = 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stem = self.stem(images)
+        return (self.body(stem) + stem).mean(dim=(2, 3))
+
+
+def test_a_model_that_cannot_be_replayed_falls_back_to_the_plain_path(digits):
+    model = TransferModel(SkipNet(), nn.Linear(4, 5))
+    model.freeze_stages([["stem.weight", "stem.bias"], ["body.weight", "body.bias"]], 1)
+    images = eval_transform(digits.train.images[:6], 32, INPUTS.mean, INPUTS.std)
+    with pytest.raises(NoBoundary, match="does not reproduce"):
+        verified_boundary(model.backbone, images)
+    path = TrialCaches(CachePolicy()).plan(model, "skipnet", digits.train, digits.val, INPUTS, 1, 2, settings(1))
+    assert path.mode == "plain" and path.note == "cache: plain (replay from body does not reproduce the forward pass)"
+    assert len(path.run(lambda stats: None)) == 1
+
+
+def test_boundary_path_trains_on_views_and_is_shared_between_trials(digits):
+    caches = TrialCaches(CachePolicy(views=2, seed=3))
+    first = caches.plan(tiny_model("test_resnet", 2), "r", digits.train, digits.val, INPUTS, 2, 5, settings(3))
+    assert first.mode == "boundary" and first.note.startswith("2 view(s) at layer2") and "built in" in first.note
+    history = first.run(lambda stats: None)
+    assert len(history) == 3 and all(0 <= s.val_accuracy <= 1 for s in history)
+    second = caches.plan(tiny_model("test_resnet", 2, HeadConfig("mlp", 32, 0.1)), "r", digits.train, digits.val,
+                         INPUTS, 2, 5, settings(3, seed=8))
+    assert second.mode == "boundary" and second.note.endswith("reused")
+
+
+def test_boundary_cache_over_budget_falls_back_with_the_reason(digits):
+    caches = TrialCaches(CachePolicy(memory=100_000))
+    path = caches.plan(tiny_model("test_resnet", 2), "r", digits.train, digits.val, INPUTS, 2, 5, settings(1))
+    assert path.mode == "plain"
+    assert re.fullmatch(r"cache: plain \(boundary cache [\d.]+ MB > --cache-memory 100\.0 kB\)", path.note), path.note
+
+
+def test_no_cache_and_unfrozen_trials_take_the_plain_path(digits):
+    off = TrialCaches(CachePolicy(enabled=False)).plan(tiny_model("test_resnet", 5), "r", digits.train, digits.val,
+                                                        INPUTS, 5, 5, settings(1))
+    assert off.mode == "plain" and off.note == "cache off (--no-cache)"
+    unfrozen = TrialCaches(CachePolicy()).plan(tiny_model("test_resnet", 0), "r", digits.train, digits.val, INPUTS,
+                                               0, 5, settings(1))
+    assert unfrozen.mode == "plain" and unfrozen.note == ""
+
+
+# --------------------------------------------------------------------------- through the search
+
+def test_search_records_the_cache_path_of_every_trial(tmp_path):
+    out = tmp_path / "s"
+    assert main(["search", "--dataset", "builtin:digits:0-4", "--backbones", "test_resnet,test_efficientnet",
+                 "--no-pretrained", "--frozen-stages", "0,2,all", "--trials", "6", "--epochs", "2",
+                 "--pruner", "none", "--out", str(out), "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-0-4", storage=f"sqlite:///{out / 'study.db'}")
+    expected = {0: "plain", 2: "boundary"}
+    for trial in study.trials:
+        frozen, stages = trial.user_attrs["frozen_stages"], trial.user_attrs["num_stages"]
+        assert trial.user_attrs["cache"] == ("features" if frozen == stages else expected[frozen])
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert set(board["cache"]) <= {"features", "boundary", "plain"}
+    assert (out / "features").is_dir() == any(t.user_attrs["cache"] == "features" for t in study.trials)
+
+
+# --------------------------------------------------------------------------- checkpoints and resume on every path
+
+class Killed(Exception):
+    pass
+
+
+def die_after_first(stats) -> None:
+    if stats.epoch == 1:
+        raise Killed
+
+
+@pytest.mark.parametrize("frozen", [2, 5])  # boundary, features
+def test_a_cached_path_resumes_from_its_checkpoint_as_if_never_stopped(digits, frozen):
+    straight_model = tiny_model("test_resnet", frozen)
+    straight = TrialCaches(CachePolicy()).plan(straight_model, "r", digits.train, digits.val, INPUTS, frozen, 5,
+                                               settings(3))
+    assert straight.mode == ("boundary" if frozen == 2 else "features")
+    expected = straight.run(lambda stats: None)
+
+    saved = []
+    stopped = TrialCaches(CachePolicy()).plan(tiny_model("test_resnet", frozen), "r", digits.train, digits.val,
+                                              INPUTS, frozen, 5, settings(3))
+    with pytest.raises(Killed):
+        stopped.run(die_after_first, on_checkpoint=saved.append)
+    assert [s.epoch for s in saved] == [1]
+    resumed_model = tiny_model("test_resnet", frozen)
+    resumed = TrialCaches(CachePolicy()).plan(resumed_model, "r", digits.train, digits.val, INPUTS, frozen, 5,
+                                              settings(3))
+    history = resumed.run(lambda stats: None, resume=saved[0])
+    assert [s.epoch for s in history] == [1, 2, 3]
+    assert [s.val_accuracy for s in history] == pytest.approx([s.val_accuracy for s in expected])
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_from_one_path_restores_on_another(digits):
+    """A retry on another machine may plan another path: checkpoints hold the whole model's tensors."""
+    saved = []
+    boundary = TrialCaches(CachePolicy()).plan(tiny_model("test_resnet", 2), "r", digits.train, digits.val, INPUTS, 2,
+                                               5, settings(3))
+    assert boundary.mode == "boundary"
+    with pytest.raises(Killed):
+        boundary.run(die_after_first, on_checkpoint=saved.append)
+    model = tiny_model("test_resnet", 2)
+    plain = TrialCaches(CachePolicy(enabled=False)).plan(model, "r", digits.train, digits.val, INPUTS, 2, 5,
+                                                         settings(3))
+    history = plain.run(lambda stats: None, resume=saved[0], accumulation=2)
+    assert plain.mode == "plain" and [s.epoch for s in history] == [1, 2, 3]
+    assert history[0] == type(history[0])(**saved[0].history[0])
