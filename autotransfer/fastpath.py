@@ -147,9 +147,7 @@ class TrialCaches:
         model.to(settings.device)
         train_found = self._features(model, identity, train_set, inputs, settings.device)
         val_found = self._features(model, identity, val_set, inputs, settings.device)
-        reused = train_found.cached and val_found.cached
-        note = "features read from the cache" if reused else \
-            f"features extracted in {train_found.seconds + val_found.seconds:.1f} s"
+        note = f"features: train {_origin(train_found)}, val {_origin(val_found)}"
 
         def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
             return train_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
@@ -192,6 +190,10 @@ class TrialCaches:
             return train_from_boundary(model, boundary, data, on_epoch=on_epoch, channels_last=layout,
                                        **{**settings.kwargs(), "compile": False})
         return TrialPath("boundary", run, settings, note)
+
+
+def _origin(found) -> str:
+    return "from the cache" if found.cached else f"extracted in {found.seconds:.1f} s"
 
 
 def plain_path(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, settings: FitSettings,
@@ -237,7 +239,7 @@ def build_boundary_data(backbone: nn.Module, boundary: Boundary, train_set: Imag
                 batch = eval_transform(batch, inputs.image_size, inputs.mean, inputs.std)
             with autocast():
                 found = capture(backbone, boundary, memory_format(batch, channels_last))
-            rows[offset:offset + len(found)] = found.to(rows.device, non_blocking=True)
+            rows[offset:offset + len(found)].copy_(found)  # into host memory, a blocking copy: complete when read
             offset += len(found)
         return rows
 

@@ -126,7 +126,7 @@ class FeatureCache:
                    "labels": np.ascontiguousarray(features.labels, dtype=np.int64)}
         handle, staging = tempfile.mkstemp(prefix=f".{key}-", suffix=".safetensors", dir=self.folder)
         os.close(handle)
-        save_file(tensors, staging, metadata={**meta, "seconds": f"{features.seconds:.6f}"})
+        save_file(tensors, staging, metadata={**meta, "seconds": repr(float(features.seconds))})  # exact: read back equal
         os.replace(staging, self.path(key))
 
 

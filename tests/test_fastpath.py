@@ -57,7 +57,7 @@ def test_cached_features_match_the_uncached_path_without_augmentation(digits, tm
     caches = TrialCaches(CachePolicy(folder=tmp_path))
     path = caches.plan(cached_model, ("test_resnet", "random"), digits.train, digits.val, INPUTS, stages, stages,
                        settings())
-    assert path.mode == "features" and "extracted" in path.note
+    assert path.mode == "features" and re.fullmatch(r"features: train extracted in .* s, val extracted in .* s", path.note)
     cached = path.run(lambda stats: None)
 
     one_image = 1 / len(digits.val)
@@ -71,7 +71,7 @@ def test_cached_features_match_the_uncached_path_without_augmentation(digits, tm
 
     again = TrialCaches(CachePolicy(folder=tmp_path)).plan(copy.deepcopy(plain_model), ("test_resnet", "random"),
                                                            digits.train, digits.val, INPUTS, stages, stages, settings())
-    assert again.note == "features read from the cache"
+    assert again.note == "features: train from the cache, val from the cache"
 
 
 # --------------------------------------------------------------------------- boundary replay
@@ -175,6 +175,16 @@ def test_search_records_the_cache_path_of_every_trial(tmp_path):
     board = pd.read_csv(out / "leaderboard.csv")
     assert set(board["cache"]) <= {"features", "boundary", "plain"}
     assert (out / "features").is_dir() == any(t.user_attrs["cache"] == "features" for t in study.trials)
+
+
+def test_trials_reuse_the_features_prerank_extracted(tmp_path):
+    out = tmp_path / "p"
+    assert main(["search", "--dataset", "builtin:digits:0-4", "--backbones", "test_resnet,test_efficientnet",
+                 "--no-pretrained", "--prerank", "hscore", "--top-k", "1", "--frozen-stages", "all", "--trials", "1",
+                 "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    trial = optuna.load_study(study_name="digits-0-4", storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert trial.user_attrs["cache"] == "features"
+    assert trial.user_attrs["cache_note"].startswith("features: train from the cache, val extracted in")
 
 
 # --------------------------------------------------------------------------- checkpoints and resume on every path

@@ -1,0 +1,305 @@
+"""Trial speed, side by side in one run: autotransfer's trial step against a plain reference loop,
+cached against uncached epochs for frozen trials, and a 12-trial search with and without caching.
+
+Three tables, one CSV each section's rows tagged by `section`:
+
+- `step`: training images/s of the plain-path trial step (`trainer.train`, its `train_seconds`)
+  and of the textbook loop a person would write (same model and initial weights, same batches,
+  same augmentation call, same precision, images already in memory), alternating epoch by epoch
+  so that both see the same machine load; the median of the repeats and their ratio.
+- `cache`: per-epoch training seconds of frozen trials on the plain path and on the cached path
+  (pooled features when the whole backbone is frozen, boundary activations otherwise), the one-off
+  cost of filling the cache, and for partly frozen trials the frozen share of the training FLOPs
+  and the speed-up that share predicts.
+- `search`: wall time and best validation accuracy of the same 12-trial search with caching
+  (the default) and with `--no-cache`.
+
+    python benchmarks/throughput.py            # CPU here; on a GPU machine add --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+from autotransfer.backbones import provider_for  # noqa: E402
+from autotransfer.config import SearchConfig  # noqa: E402
+from autotransfer.data import train_transform  # noqa: E402
+from autotransfer.heads import HeadConfig  # noqa: E402
+from autotransfer.model import assemble  # noqa: E402
+from autotransfer.search import RunOptions, Search, weights_request  # noqa: E402
+from autotransfer.trainer import autocast_for, make_optimizer, train  # noqa: E402
+
+MOBILENETS = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
+RANDOM_INIT = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")  # timm names, no hub here
+
+
+@dataclass(frozen=True)
+class Case:
+    backbone: str
+    frozen: int | str  # a stage count, or "all"
+
+
+DEFAULT_CASES = "mobilenetv1_025_leaky_in1k:0,mobilenetv1_025_leaky_in1k:3,resnet18:0,resnet18:2"
+DEFAULT_CACHE_CASES = ("mobilenetv1_025_leaky_in1k:all,mobilenetv1_025_leaky_in1k:3,mobilenetv1_025_leaky_in1k:5,"
+                       "resnet18:all,resnet18:2,resnet18:4")
+
+
+def parse_cases(text: str) -> list[Case]:
+    cases = []
+    for item in text.split(","):
+        name, _, frozen = item.partition(":")
+        cases.append(Case(name, "all" if frozen == "all" else int(frozen or 0)))
+    return cases
+
+
+# --------------------------------------------------------------------------- the shared setup
+
+def prepared(dataset: str, backbones: list[str], image_size: int, device: str, seed: int) -> Search:
+    """The data exactly as a trial sees it: decoded once, split, resized, in memory."""
+    weights = {name: "random" for name in backbones if name in RANDOM_INIT}
+    config = SearchConfig(dataset=dataset, backbones=backbones, weights=weights, image_size=image_size,
+                          seed=seed).validate()
+    search = Search(config, RunOptions(out=ROOT / "runs" / "bench-throughput", storage="", study_name="",
+                                       device=device, quiet=True))
+    search.prepare()
+    return search
+
+
+def case_data(search: Search, case: Case):
+    """The trial inputs and both splits at the backbone's size, on the search's device."""
+    inputs = search._inputs(search.infos[case.backbone])
+    sized = (split.at_size(inputs.resize_size).to(search.device) for split in (search.data.train, search.data.val))
+    return (inputs, *sized)
+
+
+def build_model(search: Search, case: Case) -> tuple[nn.Module, int]:
+    name = case.backbone
+    backbone = provider_for(name, search.registries).create(name, weights_request(search.config, name))
+    stages = search.infos[name].num_stages
+    frozen = stages if case.frozen == "all" else int(case.frozen)
+    torch.manual_seed(0)
+    return assemble(backbone, HeadConfig("linear"), search.data.num_classes, frozen), frozen
+
+
+# --------------------------------------------------------------------------- step: trial step vs reference loop
+
+def reference_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                    inputs, batch_size: int, generator: torch.Generator, device: torch.device) -> float:
+    """The loop from the tutorials, with the trial's augmentation call; returns training seconds."""
+    autocast, _ = autocast_for(device)
+    model.train()
+    start = time.perf_counter()
+    order = torch.randperm(len(labels), generator=generator).to(images.device)
+    for i in range(0, len(order) - 1, batch_size):
+        index = order[i:i + batch_size]
+        if len(index) < 2:
+            break
+        batch = train_transform(images[index], inputs.image_size, inputs.mean, inputs.std, generator)
+        with autocast():
+            loss = nn.functional.cross_entropy(model(batch), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            loss.item()  # the tutorials' per-step logging
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def step_rows(search: Search, cases: list[Case], repeats: int, batch_size: int) -> list[dict]:
+    device = search.device
+    rows = []
+    for case in cases:
+        inputs, train_set, val_set = case_data(search, case)
+        ours, frozen = build_model(search, case)
+        theirs = copy.deepcopy(ours).to(device)
+        optimizer = make_optimizer("adam", [p for p in theirs.parameters() if p.requires_grad], 1e-4)
+        generator = torch.Generator().manual_seed(1)
+        trial_s, reference_s = [], []
+
+        def then_reference(stats) -> None:  # alternate: one trial epoch, one reference epoch
+            trial_s.append(stats.train_seconds)
+            reference_s.append(reference_epoch(theirs, optimizer, train_set.images, train_set.labels, inputs,
+                                               batch_size, generator, device))
+
+        train(ours, train_set, val_set, inputs, optimizer_name="adam", lr=1e-4, epochs=repeats + 1,
+              batch_size=batch_size, device=device, seed=0, on_epoch=then_reference)
+        trial_s, reference_s = trial_s[1:], reference_s[1:]  # the first round warms up both
+        n = len(train_set)
+        trial_rate, reference_rate = n / statistics.median(trial_s), n / statistics.median(reference_s)
+        rows.append({"section": "step", "backbone": case.backbone, "frozen_stages": frozen,
+                     "num_stages": search.infos[case.backbone].num_stages, "image_size": inputs.image_size,
+                     "batch_size": batch_size, "repeats": repeats, "trial_img_s": round(trial_rate, 1),
+                     "reference_img_s": round(reference_rate, 1),
+                     # each trial epoch against the reference epoch right after it, so load drift cancels
+                     "ratio": round(statistics.median(r / t for t, r in zip(trial_s, reference_s)), 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- cache: cached vs uncached epochs
+
+def training_flops(module: nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> int:
+    """Forward plus backward FLOPs of one training step (torch's own counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.train()
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(module(batch), labels).backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def cached_share(model: nn.Module, frozen: int, stages: int, images: torch.Tensor, labels: torch.Tensor,
+                 inputs) -> tuple[float, str]:
+    """The share of a plain training step's FLOPs the cached step still does, and where it starts."""
+    from autotransfer.boundary import Replay, ReplayedModel, capture, verified_boundary
+    from autotransfer.data import eval_transform
+
+    batch = eval_transform(images, inputs.image_size, inputs.mean, inputs.std)
+    plain = training_flops(model, batch, labels)
+    model.eval()
+    if frozen >= stages:
+        with torch.no_grad():
+            pooled = model.backbone(batch)
+        return training_flops(model.head, pooled, labels) / plain, "pooled features"
+    boundary = verified_boundary(model.backbone, batch[:8])
+    with torch.no_grad():
+        activation = capture(model.backbone, boundary, batch)
+    with Replay(model.backbone, boundary) as replay:
+        return training_flops(ReplayedModel(model, replay), activation, labels) / plain, boundary.name
+
+
+def epoch_seconds(path, epochs: int) -> list[float]:
+    return [stats.train_seconds for stats in path.run(lambda stats: None)][1:]  # epoch 1 warms up
+
+
+def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int, views: int = 2) -> list[dict]:
+    from autotransfer.fastpath import CachePolicy, FitSettings, TrialCaches
+
+    device = search.device
+    rows = []
+    for case in cases:
+        inputs, train_set, val_set = case_data(search, case)
+        stages = search.infos[case.backbone].num_stages
+        settings = FitSettings("adam", 1e-3, repeats + 1, batch_size, device, seed=0)
+        timings = {}
+        for mode, policy in (("uncached", CachePolicy(enabled=False)), ("cached", CachePolicy(views=views))):
+            model, frozen = build_model(search, case)
+            start = time.perf_counter()
+            path = TrialCaches(policy).plan(model, case.backbone, train_set, val_set, inputs, frozen, stages, settings)
+            setup = time.perf_counter() - start
+            timings[mode] = (path.mode, path.note, setup, statistics.median(epoch_seconds(path, repeats + 1)))
+        model, frozen = build_model(search, case)
+        sample = train_set.images[:batch_size].to(device)
+        share, boundary = cached_share(model, frozen, stages, sample, train_set.labels[:batch_size].to(device), inputs)
+        (_, _, _, plain_s), (mode, note, setup, cached_s) = timings["uncached"], timings["cached"]
+        rows.append({"section": "cache", "backbone": case.backbone, "frozen_stages": frozen, "num_stages": stages,
+                     "image_size": inputs.image_size, "batch_size": batch_size, "repeats": repeats, "path": mode,
+                     "boundary": boundary, "uncached_epoch_s": round(plain_s, 4), "cached_epoch_s": round(cached_s, 4),
+                     "speedup": round(plain_s / cached_s, 2), "flops_speedup": round(1 / share, 2),
+                     "cache_build_s": round(setup, 2), "views": views if mode == "boundary" else "",
+                     "note": note})
+        print(rows[-1], flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- search: cached vs not
+
+def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int, image_size: int, work: Path,
+                device: str) -> list[dict]:
+    weights = [f"--weights={name}=random" for name in backbones if name in RANDOM_INIT]
+    common = ["search", "--dataset", dataset, "--backbones", ",".join(backbones), *weights, "--trials", str(trials),
+              "--epochs", str(epochs), "--image-size", str(image_size), "--seed", "0", "--device", device, "--quiet"]
+    rows = []
+    for mode, extra in (("cached", []), ("uncached", ["--no-cache"])):
+        out = work / f"search-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "autotransfer.cli", *common, *extra, "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        board = pd.read_csv(out / "leaderboard.csv")
+        complete = board[board["state"] == "COMPLETE"]
+        paths = board["cache"].value_counts().to_dict() if "cache" in board else {}
+        rows.append({"section": "search", "mode": mode, "trials": trials, "epochs": epochs, "image_size": image_size,
+                     "backbone": "|".join(backbones), "wall_s": round(seconds, 1),
+                     "best_val_accuracy": round(float(complete["val_accuracy"].max()), 4),
+                     "trials_complete": len(complete), "trials_pruned": int((board["state"] == "PRUNED").sum()),
+                     "paths": "; ".join(f"{k}={v}" for k, v in sorted(paths.items()))})
+        print(rows[-1], flush=True)
+    cached, uncached = rows
+    cached["speedup"] = round(uncached["wall_s"] / cached["wall_s"], 2)
+    cached["accuracy_gap_points"] = round(100 * (cached["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+def environment(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default=str(SHARED / "datasets" / "hymenoptera"))
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="backbone:frozen_stages pairs for the step table")
+    parser.add_argument("--cache-cases", default=DEFAULT_CACHE_CASES, help="pairs for the cache table")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--search-backbones", default=",".join(MOBILENETS))
+    parser.add_argument("--sections", default="step,cache,search")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/throughput-<device>.csv)")
+    args = parser.parse_args()
+    os.environ.setdefault("AUTOTRANSFER_MOBILENETV1_WEIGHTS", str(SHARED / "weights"))
+    sections = set(args.sections.split(","))
+    step_cases, cache_cases = parse_cases(args.cases), parse_cases(args.cache_cases)
+    backbones = sorted({c.backbone for c in step_cases + cache_cases})
+    search = prepared(args.dataset, backbones, args.image_size, args.device, seed=0)
+    rows: list[dict] = []
+    if "step" in sections:
+        rows += step_rows(search, step_cases, args.repeats, args.batch_size)
+    if "cache" in sections:
+        rows += cache_rows(search, cache_cases, args.repeats, args.batch_size)
+    if "search" in sections:
+        rows += search_rows(args.dataset, args.search_backbones.split(","), args.trials, args.epochs, args.image_size,
+                            ROOT / "runs" / "bench-throughput", args.device)
+    extra = environment(search.device)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{search.device.type}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row)) + list(extra)
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({**row, **extra} for row in rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
