@@ -6,8 +6,8 @@ that module's input once per augmented view and, every epoch, run only the rest 
 
 Nothing here knows an architecture. A probe pass with hooks records the order in which modules
 are called; the boundary is the first module whose call involves only trainable parameters. In
-replay, the modules called before it return NaN placeholders of the recorded shapes (so anything
-that still depended on them would show up as NaN), and a pre-hook hands the cached activation to
+replay, the modules called before it return NaN placeholders of the recorded shapes (one NaN
+expanded, so they cost nothing; anything that still depended on them would show up as NaN), and a pre-hook hands the cached activation to
 the boundary module. Every boundary is checked on real images against the normal forward pass;
 any model that does not fit (several inputs, trainable parameters feeding the boundary, a result
 that differs) raises `NoBoundary` with the reason, and the trial runs the plain path instead.
@@ -15,6 +15,7 @@ that differs) raises `NoBoundary` with the reason, and the trial runs the plain 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,9 +60,30 @@ class Boundary:
     shape: tuple[int, ...]  # one example's activation (the boundary module's input)
     image_shape: tuple[int, ...]  # one example's image, (3, H, W)
     stubs: dict[nn.Module, list[Any]] = field(default_factory=dict)  # outermost modules before it: outputs per call
+    stub_names: tuple[str, ...] = ()  # the stubs' module names, in the same order
+    order: int = 0  # when the boundary module is entered in a forward pass: later boundaries are deeper
 
     def bytes_per_example(self, dtype: torch.dtype) -> int:
         return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+    def on(self, backbone: nn.Module) -> "Boundary":
+        """The same boundary on another instance of the architecture (looked up by module name)."""
+        modules = dict(backbone.named_modules())
+        stubs = {modules[name]: outputs for name, outputs in zip(self.stub_names, self.stubs.values())}
+        return Boundary(self.name, modules[self.name], self.shape, self.image_shape, stubs, self.stub_names, self.order)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Every submodule in eval mode, then each back in its own mode (a TransferModel keeps its
+    frozen stages in eval mode while the rest trains; a plain `.train(True)` would undo that)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # --------------------------------------------------------------------------- finding it
@@ -93,15 +115,12 @@ def probe(backbone: nn.Module, images: torch.Tensor) -> list[_Call]:
     for name, module in backbone.named_modules():
         handles.append(module.register_forward_pre_hook(partial(before, name), with_kwargs=True))
         handles.append(module.register_forward_hook(after))
-    was_training = backbone.training
     try:
-        backbone.eval()
-        with torch.enable_grad():
+        with eval_mode(backbone), torch.enable_grad():
             backbone(images)
     finally:
         for handle in handles:
             handle.remove()
-        backbone.train(was_training)
     return calls
 
 
@@ -137,14 +156,17 @@ def find_boundary(backbone: nn.Module, images: torch.Tensor) -> Boundary:
     if chosen.input_shape[:1] != (len(images),):
         raise NoBoundary(f"the input of boundary module {chosen.name} is not batch-first")
     stubs: dict[nn.Module, list[Any]] = {}
+    names: dict[nn.Module, str] = {}
     outer_exit = -1
     for call in calls:
         if call.exit >= chosen.enter:
             continue
         if call.enter > outer_exit:  # not nested in a call already stubbed
             stubs.setdefault(call.module, []).append(call.output)
+            names.setdefault(call.module, call.name)
             outer_exit = call.exit
-    return Boundary(chosen.name, chosen.module, chosen.input_shape[1:], tuple(images.shape[1:]), stubs)
+    return Boundary(chosen.name, chosen.module, chosen.input_shape[1:], tuple(images.shape[1:]), stubs,
+                    tuple(names[module] for module in stubs), chosen.enter)
 
 
 # --------------------------------------------------------------------------- using it
@@ -156,6 +178,19 @@ class _Reached(Exception):
 @torch.no_grad()
 def capture(backbone: nn.Module, boundary: Boundary, images: torch.Tensor) -> torch.Tensor:
     """The boundary module's input for `images`, running only what comes before it, in eval mode."""
+    return _input_of(backbone, boundary, lambda: backbone(images))
+
+
+@torch.no_grad()
+def capture_from(backbone: nn.Module, source: Boundary, activation: torch.Tensor, target: Boundary) -> torch.Tensor:
+    """`target`'s input computed from `source`'s cached `activation` (a shallower boundary of the
+    same backbone): only the modules between the two run. Callers check the result once against
+    `capture` from images, since a module between them might read something `source` skipped."""
+    with Replay(backbone, source) as replay:
+        return _input_of(backbone, target, lambda: replay.run(activation))
+
+
+def _input_of(backbone: nn.Module, boundary: Boundary, forward) -> torch.Tensor:
     seen: list[torch.Tensor] = []
 
     def stop(module: nn.Module, args: tuple) -> None:
@@ -163,15 +198,13 @@ def capture(backbone: nn.Module, boundary: Boundary, images: torch.Tensor) -> to
         raise _Reached
 
     handle = boundary.module.register_forward_pre_hook(stop)
-    was_training = backbone.training
     try:
-        backbone.eval()
-        backbone(images)
+        with eval_mode(backbone):
+            forward()
     except _Reached:
         pass
     finally:
         handle.remove()
-        backbone.train(was_training)
     if not seen:
         raise NoBoundary(f"boundary module {boundary.name} was not called")
     return seen[0]
@@ -201,6 +234,15 @@ class Replay:
         for module in self.boundary.stubs:
             del module.forward
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """The backbone as it normally runs, for a while (e.g. to compute more activations)."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
     def _stubbed(self, module: nn.Module, original, outputs: list[Any], *args: Any, **kwargs: Any) -> Any:
         index = self._counts.get(module, 0)
         self._counts[module] = index + 1
@@ -213,7 +255,8 @@ class Replay:
             return spec
         shape = (len(self.activation), *spec.shape[1:]) if spec.shape[:1] == (PROBE_BATCH,) else spec.shape
         fill = float("nan") if spec.dtype.is_floating_point else 0
-        return torch.full(shape, fill, dtype=spec.dtype, device=self.activation.device)
+        # one element seen at every index: nothing to allocate or write per step, and still NaN if read
+        return torch.full((), fill, dtype=spec.dtype, device=self.activation.device).expand(shape)
 
     def run(self, activation: torch.Tensor) -> torch.Tensor:
         self.activation = activation
@@ -241,10 +284,8 @@ def verified_boundary(backbone: nn.Module, images: torch.Tensor) -> Boundary:
     """`find_boundary`, then proof on CHECK_BATCH images that replay reproduces the forward pass."""
     boundary = find_boundary(backbone, images[:PROBE_BATCH])
     check = images[:CHECK_BATCH]
-    was_training = backbone.training
     try:
-        backbone.eval()
-        with torch.no_grad():
+        with eval_mode(backbone), torch.no_grad():
             expected = backbone(check)
             activation = capture(backbone, boundary, check)
             with Replay(backbone, boundary) as replay:
@@ -253,8 +294,6 @@ def verified_boundary(backbone: nn.Module, images: torch.Tensor) -> Boundary:
         raise
     except Exception as exc:
         raise NoBoundary(f"replay from {boundary.name} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        backbone.train(was_training)
     if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-5):
         raise NoBoundary(f"replay from {boundary.name} does not reproduce the forward pass")
     return boundary

@@ -3,8 +3,11 @@
 - fully frozen backbone (`features`): pooled features of the clean centre crops, through the
   on-disk feature cache (the one `rank` and `--prerank` fill), train the head alone;
 - partly frozen backbone (`boundary`): the activations at the freeze boundary for `views`
-  augmented views of every training image (and the clean validation images), computed once and
-  kept in memory; epoch e trains the trainable part on view e mod `views`;
+  augmented views of every training image (and the clean validation images), kept in memory for
+  every later trial of the same backbone; epoch e trains the trainable part on view e mod `views`.
+  Each view is computed when an epoch first reads it (a pruned trial pays only for what it read),
+  and from a shallower cached boundary of the same backbone when there is one, so the frozen
+  stages run once per view per search rather than once per epoch per trial;
 - otherwise, with caching off (`--no-cache`), or when the boundary cache would exceed its memory
   budget or the model cannot be replayed (`plain`): the whole model on augmented images every epoch.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Hashable
@@ -20,12 +25,13 @@ from typing import Callable, Hashable
 import torch
 from torch import nn
 
-from .boundary import CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel, capture, verified_boundary
-from .data import ImageSet, eval_transform, train_transform
+from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel, capture, capture_from,
+                       verified_boundary)
+from .data import ImageSet, eval_transform, to_device, train_transform
 from .features import FeatureCache, extract, fingerprint, images_digest, tensors_digest
 from .train_state import TrainState
-from .trainer import (EVAL_BATCH, EpochStats, Trainee, TrialInputs, autocast_for, feature_batches, fit, memory_format,
-                      rows_accuracy, train, train_on_features, wants_channels_last)
+from .trainer import (EpochStats, Trainee, TrialInputs, autocast_for, feature_batches, fit, memory_format,
+                      eval_batch, rows_accuracy, train, train_on_features, wants_channels_last)
 
 DEFAULT_VIEWS = 2
 GiB = 1 << 30
@@ -86,34 +92,56 @@ class TrialPath:
     mode: str  # "features", "boundary" or "plain"
     train: Callable[[Callable[[EpochStats], None], FitSettings], list[EpochStats]]
     settings: FitSettings
-    note: str = ""
+    note: str = ""  # what was planned
+    summary: Callable[[], str] | None = None  # what was done, once the trial ran (lazily filled caches)
+    cache_seconds: Callable[[], float] = lambda: 0.0  # spent filling caches for this trial so far
 
     def run(self, on_epoch: Callable[[EpochStats], None], **changes) -> list[EpochStats]:
         return self.train(on_epoch, replace(self.settings, **changes))
 
+    def describe(self) -> str:
+        return self.summary() if self.summary is not None else self.note
+
 
 @dataclass
-class BoundaryData:
-    views: list[torch.Tensor]  # per view: (N, *boundary shape), training images in order
+class BoundaryEntry:
+    """One boundary's activations for one family of trials (same backbone weights, crop, images
+    and view seed): `parts` holds the V training views and then the clean validation images, each
+    computed the first time a trial reads it, so a trial pruned after one epoch pays for one view."""
+
+    boundary: Boundary  # as found on the model that made the entry; `.on(backbone)` rebinds it
+    parts: list[torch.Tensor | None]  # views 0..V-1, then validation
     labels: torch.Tensor
-    val: torch.Tensor  # clean validation images' activations
     val_labels: torch.Tensor
-    seconds: float
+    planned: int  # bytes once every part is computed
+    seconds: float = 0.0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.views, self.val))
+        return sum(t.numel() * t.element_size() for t in self.parts if t is not None)
+
+
+@dataclass
+class PartCounts:
+    """What one trial's boundary path did with the cache: its note after the trial."""
+
+    reused: int = 0
+    derived: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+    sources: set[str] = field(default_factory=set)
 
 
 @dataclass
 class TrialCaches:
-    """One search process's caches: the disk feature cache, digests already computed, and the
-    latest boundary activations (one entry, within the budget) for the next trial that fits them."""
+    """One search process's caches: the disk feature cache, digests already computed, and boundary
+    activations in memory, least recently used evicted first to stay within the budget. A deeper
+    boundary of a backbone is computed from a shallower one already cached, not from the images."""
 
     policy: CachePolicy
     _digests: dict[Hashable, tuple[object, str]] = field(default_factory=dict)
-    _boundary_key: Hashable | None = None
-    _boundary: BoundaryData | None = None
+    _entries: OrderedDict[Hashable, BoundaryEntry] = field(default_factory=OrderedDict)
+    _derivable: dict[Hashable, bool] = field(default_factory=dict)
 
     def plan(self, model: nn.Module, identity: Hashable, train_set: ImageSet, val_set: ImageSet,
              inputs: TrialInputs, frozen_stages: int, num_stages: int, settings: FitSettings) -> TrialPath:
@@ -153,7 +181,8 @@ class TrialCaches:
             return train_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
                                      torch.from_numpy(val_found.features), val_set.labels, on_epoch=on_epoch,
                                      **settings.kwargs())
-        return TrialPath("features", run, settings, note)
+        spent = sum(found.seconds for found in (train_found, val_found) if not found.cached)
+        return TrialPath("features", run, settings, note, cache_seconds=lambda: spent)
 
     # -- partly frozen
     def _boundary_path(self, model, identity, train_set, val_set, inputs, settings) -> TrialPath:
@@ -169,27 +198,172 @@ class TrialCaches:
                                               inputs.mean, inputs.std), layout)
         boundary = verified_boundary(model.backbone, sample)
         views = max(1, min(self.policy.views, settings.epochs))
-        dtype = store_dtype(device)
-        needed = (len(train_set) * views + len(val_set)) * boundary.bytes_per_example(dtype)
+        needed = (len(train_set) * views + len(val_set)) * boundary.bytes_per_example(store_dtype(device))
         if needed > self.policy.memory:
             raise NoBoundary(f"boundary cache {format_bytes(needed)} > --cache-memory {format_bytes(self.policy.memory)}")
-        key = (identity, boundary.name, inputs, views, self.policy.seed, id(train_set), id(val_set), str(device), layout)
-        reused = key == self._boundary_key and self._boundary is not None
-        if not reused:
-            self._boundary_key, self._boundary = None, None  # free the old entry before building the next
-            data = build_boundary_data(model.backbone, boundary, train_set, val_set, inputs, views=views,
-                                       seed=self.policy.seed, device=device, channels_last=layout, needed=needed)
-            self._boundary_key, self._boundary = key, data
-        data = self._boundary
-        note = (f"{views} view(s) at {boundary.name}, {format_bytes(data.nbytes)}, "
-                + ("reused" if reused else f"built in {data.seconds:.1f} s"))
+        family = (identity, inputs, views, self.policy.seed, id(train_set), id(val_set), str(device), layout)
+        key = (family, boundary.name)
+        if key not in self._entries:
+            self._make_room(needed)
+            target = _store_device(device, needed)
+            self._entries[key] = BoundaryEntry(boundary, [None] * (views + 1), train_set.labels.to(target),
+                                               val_set.labels.to(target), needed)
+        self._entries.move_to_end(key)
+        entry = self._entries[key]
+        counts = PartCounts()
+        filler = _PartFiller(self, family, entry, model.backbone, boundary, (train_set, val_set), inputs, device,
+                             layout, sample, counts)
+        note = f"{views} view(s) at {boundary.name}, {format_bytes(needed)}"
         if settings.compile:
             note += "; compile skipped on the boundary path"
 
         def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
-            return train_from_boundary(model, boundary, data, on_epoch=on_epoch, channels_last=layout,
+            return train_from_boundary(model, boundary, filler, entry, on_epoch=on_epoch, channels_last=layout,
                                        **{**settings.kwargs(), "compile": False})
-        return TrialPath("boundary", run, settings, note)
+        return TrialPath("boundary", run, settings, note, lambda: note + "; " + _describe(counts),
+                         lambda: counts.seconds)
+
+    def _make_room(self, needed: int) -> None:
+        """Evict the least recently used entries until `needed` more bytes fit in the budget."""
+        while self._entries and sum(e.planned for e in self._entries.values()) + needed > self.policy.memory:
+            self._entries.popitem(last=False)
+
+    def shallower(self, family: Hashable, boundary: Boundary, index: int) -> BoundaryEntry | None:
+        """The deepest cached entry of this family above `boundary` that has part `index`."""
+        found = [entry for (fam, _), entry in self._entries.items()
+                 if fam == family and entry.boundary.order < boundary.order and entry.parts[index] is not None]
+        return max(found, key=lambda entry: entry.boundary.order, default=None)
+
+
+def _describe(counts: PartCounts) -> str:
+    done = []
+    if counts.reused:
+        done.append(f"{counts.reused} part(s) reused")
+    if counts.derived:
+        done.append(f"{counts.derived} from the {', '.join(sorted(counts.sources))} cache")
+    if counts.computed:
+        done.append(f"{counts.computed} from images")
+    if counts.derived or counts.computed:
+        done.append(f"{counts.seconds:.1f} s")
+    return ", ".join(done) or "no part read"
+
+
+@dataclass
+class _PartFiller:
+    """Computes an entry's missing parts with the current trial's backbone (its frozen stages are
+    the family's): from a shallower cached boundary when one has the part and replaying from it is
+    proven to match, else from the images."""
+
+    caches: TrialCaches
+    family: Hashable
+    entry: BoundaryEntry
+    backbone: nn.Module
+    boundary: Boundary
+    sets: tuple[ImageSet, ImageSet]  # train, val
+    inputs: TrialInputs
+    device: torch.device
+    channels_last: bool
+    sample: torch.Tensor  # clean images for the one-off check of a derivation
+    counts: PartCounts
+    seen: set[int] = field(default_factory=set)
+
+    def __call__(self, index: int) -> torch.Tensor:
+        part = self.entry.parts[index]
+        if part is not None:
+            if index not in self.seen:
+                self.counts.reused += 1
+        else:
+            start = time.perf_counter()
+            source = self.caches.shallower(self.family, self.boundary, index)
+            if source is not None and self._derivable(source.boundary):
+                part = self._derived(source, index)
+                self.counts.derived += 1
+                self.counts.sources.add(source.boundary.name)
+            else:
+                part = self._from_images(index)
+                self.counts.computed += 1
+            seconds = time.perf_counter() - start
+            self.entry.parts[index] = part
+            self.entry.seconds += seconds
+            self.counts.seconds += seconds
+        self.seen.add(index)
+        return part
+
+    def _rows(self, count: int) -> torch.Tensor:
+        target = self.entry.labels.device
+        rows = torch.empty((count, *self.boundary.shape), dtype=store_dtype(self.device), device=target)
+        if self.channels_last and rows.dim() == 4:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        return rows
+
+    def _from_images(self, index: int) -> torch.Tensor:
+        views = len(self.entry.parts) - 1
+        images = self.sets[index == views]
+        generator = torch.Generator().manual_seed(view_seed(self.caches.policy.seed, index))
+        rows = self._rows(len(images))
+        autocast, _ = autocast_for(self.device)
+        offset = 0
+        for batch, _ in images.batches(eval_batch(self.device), shuffle=False, device=self.device):
+            if index < views:
+                batch = train_transform(batch, self.inputs.image_size, self.inputs.mean, self.inputs.std, generator)
+            else:
+                batch = eval_transform(batch, self.inputs.image_size, self.inputs.mean, self.inputs.std)
+            with autocast():
+                found = capture(self.backbone, self.boundary, memory_format(batch, self.channels_last))
+            rows[offset:offset + len(found)].copy_(found)  # into host memory, a blocking copy: complete when read
+            offset += len(found)
+        return rows
+
+    def _derived(self, source: BoundaryEntry, index: int) -> torch.Tensor:
+        cached = source.parts[index]
+        origin = source.boundary.on(self.backbone)
+        rows = self._rows(len(cached))
+        autocast, _ = autocast_for(self.device)
+        step = eval_batch(self.device)
+        for start in range(0, len(cached), step):
+            chunk = memory_format(to_device(cached[start:start + step], self.device), self.channels_last)
+            with autocast():
+                rows[start:start + len(chunk)].copy_(capture_from(self.backbone, origin, chunk, self.boundary))
+        return rows
+
+    def _derivable(self, source: Boundary) -> bool:
+        """Once per pair of boundaries: does replaying from `source` give what the images give?"""
+        key = (self.family, source.name, self.boundary.name)
+        if key not in self.caches._derivable:
+            origin = source.on(self.backbone)
+            autocast, _ = autocast_for(self.device)
+            try:
+                with autocast():
+                    direct = capture(self.backbone, self.boundary, self.sample)
+                    via = capture_from(self.backbone, origin, capture(self.backbone, origin, self.sample),
+                                       self.boundary)
+                tolerance = 1e-4 if store_dtype(self.device) == torch.float32 else 3e-2
+                ok = via.shape == direct.shape and torch.allclose(via.float(), direct.float(), rtol=tolerance,
+                                                                  atol=tolerance)
+            except Exception:  # anything the replay cannot do: compute from images instead
+                ok = False
+            self.caches._derivable[key] = ok
+        return self.caches._derivable[key]
+
+
+def view_seed(seed: int, view: int) -> int:
+    """Each view's augmentation has its own seed, so views can be computed in any order."""
+    return seed * 1_000_003 + view
+
+
+class _Views(Sequence):
+    """The training views of an entry, each computed on first read (epoch e reads view e mod V)."""
+
+    def __init__(self, fill: Callable[[int], torch.Tensor], count: int):
+        self.fill, self.count = fill, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.fill(index)
 
 
 def _origin(found) -> str:
@@ -217,50 +391,27 @@ def _store_device(device: torch.device, needed: int, share: float = 0.5) -> torc
     return device
 
 
-def build_boundary_data(backbone: nn.Module, boundary: Boundary, train_set: ImageSet, val_set: ImageSet,
-                        inputs: TrialInputs, *, views: int, seed: int, device: torch.device, channels_last: bool,
-                        needed: int) -> BoundaryData:
-    """Boundary activations of `views` augmented views of every training image and of the clean
-    validation images; the frozen stages run in eval mode, so each is fixed given its input."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    target = _store_device(device, needed)
-
-    def activations(images: ImageSet, augment: bool) -> torch.Tensor:
-        rows = torch.empty((len(images), *boundary.shape), dtype=store_dtype(device), device=target)
-        if channels_last and rows.dim() == 4:
-            rows = rows.contiguous(memory_format=torch.channels_last)
-        autocast, _ = autocast_for(device)
-        offset = 0
-        for batch, _ in images.batches(EVAL_BATCH, shuffle=False, device=device):
-            if augment:
-                batch = train_transform(batch, inputs.image_size, inputs.mean, inputs.std, generator)
-            else:
-                batch = eval_transform(batch, inputs.image_size, inputs.mean, inputs.std)
-            with autocast():
-                found = capture(backbone, boundary, memory_format(batch, channels_last))
-            rows[offset:offset + len(found)].copy_(found)  # into host memory, a blocking copy: complete when read
-            offset += len(found)
-        return rows
-
-    train_views = [activations(train_set, augment=True) for _ in range(views)]
-    val = activations(val_set, augment=False)
-    return BoundaryData(train_views, train_set.labels.to(target), val, val_set.labels.to(target),
-                        time.perf_counter() - start)
-
-
-def train_from_boundary(model: nn.Module, boundary: Boundary, data: BoundaryData, *, optimizer_name: str, lr: float,
-                        epochs: int, batch_size: int, device: torch.device, seed: int,
-                        on_epoch: Callable[[EpochStats], None] = lambda stats: None, compile: bool = False,
-                        channels_last: bool = False, accumulation: int = 1, resume: TrainState | None = None,
+def train_from_boundary(model: nn.Module, boundary: Boundary, fill: Callable[[int], torch.Tensor],
+                        entry: BoundaryEntry, *, optimizer_name: str, lr: float, epochs: int, batch_size: int,
+                        device: torch.device, seed: int, on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+                        compile: bool = False, channels_last: bool = False, accumulation: int = 1,
+                        resume: TrainState | None = None,
                         on_checkpoint: Callable[[TrainState], None] | None = None) -> list[EpochStats]:
     """The partly frozen path: train the part after the boundary on cached activations, epoch e on
-    view e mod V, with the plain path's optimizer, schedule, batches and seed."""
+    view e mod V (`fill(index)` gives part `index` of `entry`, computing it if need be), with the
+    plain path's optimizer, schedule, batches and seed."""
+    views = len(entry.parts) - 1
     with Replay(model.backbone, boundary) as replay:
+        def part(index: int) -> torch.Tensor:
+            if entry.parts[index] is None:
+                with replay.suspended():  # computing a part runs the frozen stages for real
+                    return fill(index)
+            return fill(index)
+
         replayed = ReplayedModel(model, replay)
-        trainee = Trainee(replayed, len(data.labels),
-                          feature_batches(data.views, data.labels, batch_size, device, channels_last),
-                          lambda: rows_accuracy(replayed, data.val, data.val_labels, device))
+        trainee = Trainee(replayed, len(entry.labels),
+                          feature_batches(_Views(part, views), entry.labels, batch_size, device, channels_last),
+                          lambda: rows_accuracy(replayed, part(views), entry.val_labels, device))
         return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size,
                    device=device, seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation,
                    resume=resume, on_checkpoint=on_checkpoint, state_module=model)

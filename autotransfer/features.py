@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import ImageSet, eval_transform
-from .trainer import EVAL_BATCH, TrialInputs, autocast_for
+from .trainer import TrialInputs, autocast_for, eval_batch, memory_format, wants_channels_last
 
 CACHE_VERSION = 2  # 2: the key no longer covers the source head
 
@@ -73,15 +73,21 @@ def fingerprint(weights_digest: str, data_digest: str, inputs: TrialInputs) -> s
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+HEAD_BATCH = 1024  # rows of pooled features through a linear head: any batch is cheap
+
+
 @torch.inference_mode()
 def forward_features(backbone: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device) -> np.ndarray:
-    """Pooled features for every image, in order, in eval mode (the batches `infer` uses)."""
+    """Pooled features for every image, in order, in eval mode (the batches and layout `infer` uses)."""
     backbone = backbone.to(device).eval()
+    layout = wants_channels_last(backbone, device)
+    if layout:
+        backbone.to(memory_format=torch.channels_last)
     autocast, _ = autocast_for(device)
     features = []
-    for batch, _ in images.batches(EVAL_BATCH, shuffle=False, device=device):
+    for batch, _ in images.batches(eval_batch(device), shuffle=False, device=device):
         with autocast():
-            pooled = backbone(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std))
+            pooled = backbone(memory_format(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std), layout))
         features.append(pooled.float().cpu())
     return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
 
@@ -91,7 +97,7 @@ def head_probs(source_head: nn.Module, features: np.ndarray, device: torch.devic
     """Source-classifier probabilities (float64) from pooled features."""
     head = source_head.to(device).eval()
     rows = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    probs = [head(rows[i:i + EVAL_BATCH].to(device)).float().softmax(dim=1).cpu() for i in range(0, len(rows), EVAL_BATCH)]
+    probs = [head(rows[i:i + HEAD_BATCH].to(device)).float().softmax(dim=1).cpu() for i in range(0, len(rows), HEAD_BATCH)]
     return torch.cat(probs).double().numpy() if probs else np.zeros((0, 0))
 
 

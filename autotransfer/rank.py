@@ -68,7 +68,7 @@ def score_backbones(search, scorer_names: list[str], backbones: list[str] | None
         request = weights_request(search.config, name)
         backbone = provider.create(name, request)
         head = provider.source_classifier(name, request) if hasattr(provider, "source_classifier") else None
-        inputs = search._inputs(search.infos[name])
+        inputs = search.inputs_for(name)
         images = search.data.train.at_size(inputs.resize_size)
         found = extract(backbone.module, head, images, inputs, search.device, cache,
                         meta={"backbone": name, "weights": backbone.source})

@@ -218,15 +218,16 @@ class Search:
                 _check_checkpoint_architecture(name, path)
         refs = load_dataset(self.registries.dataset_source(self.config.dataset), self.config.dataset)
         self.native_size = native_size(refs.refs)
-        decode_size = max(self._inputs(info).resize_size for info in self.infos.values())
+        decode_size = max(self.inputs_for(name).resize_size for name in self.infos)
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
         torch.manual_seed(self.config.seed)  # random-init templates are reproducible (and cacheable)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
             provider_for(name, self.registries).create(name, weights_request(self.config, name))
 
-    def _inputs(self, info: BackboneInfo) -> TrialInputs:
-        return trial_inputs(info, self.config.image_size, self.device, self.native_size)
+    def inputs_for(self, backbone: str) -> TrialInputs:
+        """How `backbone`'s trials see the images (crop, stored size, normalisation) in this search."""
+        return trial_inputs(self.infos[backbone], self.config.image_size, self.device, self.native_size)
 
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -321,8 +322,7 @@ class Search:
 
     def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
         params = suggest(trial, self.config, lambda name: self.infos[name].num_stages, getattr(self, "kept", None))
-        info = self.infos[params.backbone]
-        inputs = self._inputs(info)
+        inputs = self.inputs_for(params.backbone)
         request = weights_request(self.config, params.backbone)
         trial.set_user_attr("frozen_stages", params.frozen_stages)
         trial.set_user_attr("num_stages", params.num_stages)
@@ -334,7 +334,7 @@ class Search:
         self.lifecycle.trial_started(event)
         tracker = TrialLog(self.out / "tensorboard", trial.number)
         start = time.perf_counter()
-        state, value, model, reason = "FAIL", None, None, None
+        state, value, model, reason, path = "FAIL", None, None, None, None
         try:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
             model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
@@ -389,14 +389,16 @@ class Search:
             raise
         finally:
             duration = time.perf_counter() - start
+            if path is not None and path.describe() != path.note:  # what the caches did, now that it ran
+                trial.set_user_attr("cache_note", path.describe())
             if reason is not None:
                 trial.set_user_attr("reason", reason)
             trial.set_user_attr("duration_s", round(duration, 3))
             tracker.finish(_hparams(params, request.label), value, state)
             self.lifecycle.trial_finished(event, state, value, reason)
-            del model
-            gc.collect()
-            if self.device.type == "cuda":
+            del model, path
+            if self.device.type == "cuda":  # give the GPU memory back now; on CPU, refcounting frees the model
+                gc.collect()
                 torch.cuda.empty_cache()
 
     def finish(self, study: optuna.Study) -> None:

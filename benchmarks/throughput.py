@@ -11,8 +11,11 @@ Three tables, one CSV each section's rows tagged by `section`:
   (pooled features when the whole backbone is frozen, boundary activations otherwise), the one-off
   cost of filling the cache, and for partly frozen trials the frozen share of the training FLOPs
   and the speed-up that share predicts.
-- `search`: wall time and best validation accuracy of the same 12-trial search with caching
-  (the default) and with `--no-cache`.
+- `search`: wall time and best validation accuracy of a 12-trial search with `--no-cache` and
+  with caching (the default), at the search's own default epochs and image size unless told,
+  for several seeds. Caching runs twice per seed: on exactly the uncached search's trial
+  configurations (`cached-same-trials`, which isolates what caching changes) and as its own
+  search (`cached-own-search`, whose TPE trajectory may differ, as a user's would).
 
     python benchmarks/throughput.py            # CPU here; on a GPU machine add --device cuda
 """
@@ -49,6 +52,7 @@ from autotransfer.search import RunOptions, Search, weights_request  # noqa: E40
 from autotransfer.trainer import autocast_for, make_optimizer, train  # noqa: E402
 
 MOBILENETS = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
+STUDY = "throughput"
 RANDOM_INIT = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")  # timm names, no hub here
 
 
@@ -59,8 +63,8 @@ class Case:
 
 
 DEFAULT_CASES = "mobilenetv1_025_leaky_in1k:0,mobilenetv1_025_leaky_in1k:3,resnet18:0,resnet18:2"
-DEFAULT_CACHE_CASES = ("mobilenetv1_025_leaky_in1k:all,mobilenetv1_025_leaky_in1k:3,mobilenetv1_025_leaky_in1k:5,"
-                       "resnet18:all,resnet18:2,resnet18:4")
+DEFAULT_CACHE_CASES = ("mobilenetv1_025_leaky_in1k:all,mobilenetv1_025_leaky_in1k:5,mobilenetv1_025_leaky_in1k:3,"
+                       "mobilenetv1_025_leaky_in1k:1,resnet18:all,resnet18:4,resnet18:2")
 
 
 def parse_cases(text: str) -> list[Case]:
@@ -86,7 +90,7 @@ def prepared(dataset: str, backbones: list[str], image_size: int, device: str, s
 
 def case_data(search: Search, case: Case):
     """The trial inputs and both splits at the backbone's size, on the search's device."""
-    inputs = search._inputs(search.infos[case.backbone])
+    inputs = search.inputs_for(case.backbone)
     sized = (split.at_size(inputs.resize_size).to(search.device) for split in (search.data.train, search.data.val))
     return (inputs, *sized)
 
@@ -190,8 +194,10 @@ def cached_share(model: nn.Module, frozen: int, stages: int, images: torch.Tenso
         return training_flops(ReplayedModel(model, replay), activation, labels) / plain, boundary.name
 
 
-def epoch_seconds(path, epochs: int) -> list[float]:
-    return [stats.train_seconds for stats in path.run(lambda stats: None)][1:]  # epoch 1 warms up
+def epoch_seconds(path, skip: int) -> list[float]:
+    """Training seconds of the epochs after the first `skip` (warm-up, and on the boundary path the
+    epochs that compute their view: that cost is reported once, as the cache build)."""
+    return [stats.train_seconds for stats in path.run(lambda stats: None)][skip:]
 
 
 def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int, views: int = 2) -> list[dict]:
@@ -202,14 +208,17 @@ def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int,
     for case in cases:
         inputs, train_set, val_set = case_data(search, case)
         stages = search.infos[case.backbone].num_stages
-        settings = FitSettings("adam", 1e-3, repeats + 1, batch_size, device, seed=0)
         timings = {}
         for mode, policy in (("uncached", CachePolicy(enabled=False)), ("cached", CachePolicy(views=views))):
             model, frozen = build_model(search, case)
+            skip = views if mode == "cached" and 0 < frozen < stages else 1
+            settings = FitSettings("adam", 1e-3, repeats + skip, batch_size, device, seed=0)
             start = time.perf_counter()
             path = TrialCaches(policy).plan(model, case.backbone, train_set, val_set, inputs, frozen, stages, settings)
-            setup = time.perf_counter() - start
-            timings[mode] = (path.mode, path.note, setup, statistics.median(epoch_seconds(path, repeats + 1)))
+            plan_s = time.perf_counter() - start
+            epochs = statistics.median(epoch_seconds(path, skip))
+            timings[mode] = (path.mode, path.describe(), plan_s if path.mode != "boundary" else path.cache_seconds(),
+                             epochs)
         model, frozen = build_model(search, case)
         sample = train_set.images[:batch_size].to(device)
         share, boundary = cached_share(model, frozen, stages, sample, train_set.labels[:batch_size].to(device), inputs)
@@ -226,31 +235,77 @@ def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int,
 
 # --------------------------------------------------------------------------- search: cached vs not
 
-def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int, image_size: int, work: Path,
-                device: str) -> list[dict]:
+def run_search(common: list[str], out: Path, extra: list[str], enqueue: list[dict] | None = None) -> float:
+    """Wall seconds of one `autotransfer search` process; with `enqueue`, the study is created first
+    (untimed) and those configurations queued, so the timed process trains exactly them."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "autotransfer.cli", *common, *extra, "--out", str(out)]
+    if enqueue is not None:
+        subprocess.run([*command, "--create-only"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import optuna
+
+        study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+        for params in enqueue:
+            study.enqueue_trial(params)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def search_summary(out: Path) -> dict:
+    import optuna
+
+    board = pd.read_csv(out / "leaderboard.csv")
+    complete = board[board["state"] == "COMPLETE"]
+    paths = board["cache"].value_counts().to_dict() if "cache" in board else {}
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}").get_trials(deepcopy=False)
+    return {"best_val_accuracy": round(float(complete["val_accuracy"].max()), 4), "trials_complete": len(complete),
+            "trials_pruned": int((board["state"] == "PRUNED").sum()),
+            "paths": "; ".join(f"{k}={v}" for k, v in sorted(paths.items())),
+            "trial_params": [t.params for t in sorted(trials, key=lambda t: t.number)]}
+
+
+def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | None, image_size: int | None,
+                seeds: list[int], work: Path, device: str) -> list[dict]:
+    """Per seed: the uncached search (seeded TPE), the cached search on exactly its trial
+    configurations (`same-trials`: what caching changes, trajectory held fixed), and the cached
+    search choosing its own (`own-search`: what a user sees, trajectory free to differ)."""
     weights = [f"--weights={name}=random" for name in backbones if name in RANDOM_INIT]
-    common = ["search", "--dataset", dataset, "--backbones", ",".join(backbones), *weights, "--trials", str(trials),
-              "--epochs", str(epochs), "--image-size", str(image_size), "--seed", "0", "--device", device, "--quiet"]
+    sizing = ([] if epochs is None else ["--epochs", str(epochs)]) + (
+        [] if image_size is None else ["--image-size", str(image_size)])
     rows = []
-    for mode, extra in (("cached", []), ("uncached", ["--no-cache"])):
-        out = work / f"search-{mode}"
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "autotransfer.cli", *common, *extra, "--out", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - start
-        board = pd.read_csv(out / "leaderboard.csv")
-        complete = board[board["state"] == "COMPLETE"]
-        paths = board["cache"].value_counts().to_dict() if "cache" in board else {}
-        rows.append({"section": "search", "mode": mode, "trials": trials, "epochs": epochs, "image_size": image_size,
-                     "backbone": "|".join(backbones), "wall_s": round(seconds, 1),
-                     "best_val_accuracy": round(float(complete["val_accuracy"].max()), 4),
-                     "trials_complete": len(complete), "trials_pruned": int((board["state"] == "PRUNED").sum()),
-                     "paths": "; ".join(f"{k}={v}" for k, v in sorted(paths.items()))})
+    for seed in seeds:
+        common = ["search", "--dataset", dataset, "--study", STUDY, "--backbones", ",".join(backbones), *weights,
+                  "--trials", str(trials), *sizing, "--seed", str(seed), "--device", device, "--quiet"]
+        base = work / f"search-{seed}"
+        uncached_s = run_search(common, base / "uncached", ["--no-cache"])
+        uncached = search_summary(base / "uncached")
+        same_s = run_search(common, base / "same", [], enqueue=uncached["trial_params"])
+        own_s = run_search(common, base / "own", [])
+        for mode, seconds, out in (("uncached", uncached_s, "uncached"), ("cached-same-trials", same_s, "same"),
+                                   ("cached-own-search", own_s, "own")):
+            summary = uncached if out == "uncached" else search_summary(base / out)
+            summary.pop("trial_params")
+            row = {"section": "search", "mode": mode, "seed": seed, "trials": trials, "epochs": epochs or "default",
+                   "image_size": image_size or "default", "backbone": "|".join(backbones), "wall_s": round(seconds, 1),
+                   **summary}
+            if mode != "uncached":
+                row["speedup"] = round(uncached_s / seconds, 2)
+                row["accuracy_gap_points"] = round(100 * (row["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
+            rows.append(row)
+            print(row, flush=True)
+    for mode in ("cached-same-trials", "cached-own-search"):
+        mine = [r for r in rows if r["mode"] == mode]
+        base = [r for r in rows if r["mode"] == "uncached"]
+        rows.append({"section": "search", "mode": f"{mode} (mean of {len(seeds)} seeds)", "seed": "all",
+                     "trials": trials, "epochs": epochs or "default", "image_size": image_size or "default",
+                     "backbone": "|".join(backbones), "wall_s": round(statistics.mean(r["wall_s"] for r in mine), 1),
+                     "best_val_accuracy": round(statistics.mean(r["best_val_accuracy"] for r in mine), 4),
+                     "speedup": round(statistics.mean(r["wall_s"] for r in base)
+                                      / statistics.mean(r["wall_s"] for r in mine), 2),
+                     "accuracy_gap_points": round(100 * statistics.mean(
+                         r["best_val_accuracy"] - b["best_val_accuracy"] for r, b in zip(mine, base)), 2)})
         print(rows[-1], flush=True)
-    cached, uncached = rows
-    cached["speedup"] = round(uncached["wall_s"] / cached["wall_s"], 2)
-    cached["accuracy_gap_points"] = round(100 * (cached["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
     return rows
 
 
@@ -267,11 +322,13 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(SHARED / "datasets" / "hymenoptera"))
     parser.add_argument("--cases", default=DEFAULT_CASES, help="backbone:frozen_stages pairs for the step table")
     parser.add_argument("--cache-cases", default=DEFAULT_CACHE_CASES, help="pairs for the cache table")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the search's own (160 px on CPU)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--search-epochs", type=int, default=None, help="default: the search's own default")
+    parser.add_argument("--search-image-size", type=int, default=None, help="default: the search's own default")
+    parser.add_argument("--search-seeds", default="0,1,2")
     parser.add_argument("--search-backbones", default=",".join(MOBILENETS))
     parser.add_argument("--sections", default="step,cache,search")
     parser.add_argument("--device", default="cpu")
@@ -288,7 +345,8 @@ def main() -> None:
     if "cache" in sections:
         rows += cache_rows(search, cache_cases, args.repeats, args.batch_size)
     if "search" in sections:
-        rows += search_rows(args.dataset, args.search_backbones.split(","), args.trials, args.epochs, args.image_size,
+        rows += search_rows(args.dataset, args.search_backbones.split(","), args.trials, args.search_epochs,
+                            args.search_image_size, [int(seed) for seed in args.search_seeds.split(",")],
                             ROOT / "runs" / "bench-throughput", args.device)
     extra = environment(search.device)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{search.device.type}.csv")

@@ -38,6 +38,7 @@ needs_postgres = pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL: set
                                     "or run `bash scripts/with-postgres.sh bash scripts/test.sh`")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OOM_PLUGIN = Path(__file__).parent / "plugin_examples" / "oom_plugin.py"
+SLOW_PLUGIN = Path(__file__).parent / "plugin_examples" / "slow_epochs_plugin.py"  # epochs long enough to stop mid-trial
 TINY = ["--dataset", "builtin:digits", "--backbones", "test_resnet", "--no-pretrained", "--image-size", "16",
         "--frozen-stages", "2-4", "--quiet"]
 
@@ -251,14 +252,15 @@ def running_with_checkpoint(storage: str, study: str, out: Path, epochs: int, ne
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind):
+def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("SLOW_EPOCH_S", "1.5")  # longer than a poll of the storage takes under load
     storage = storage_url(kind, tmp_path)
     study = f"kill-{uuid.uuid4().hex[:8]}"
     out, epochs, trials = tmp_path / "k", 4, 4
     assert main(["search", *TINY, "--epochs", str(epochs), "--trials", str(trials), "--pruner", "none",
                  "--storage", storage, "--study", study, "--out", str(out), "--create-only"]) == 0
     worker = cli("worker", "--storage", storage, "--study", study, "--out", str(out), "--heartbeat", "1", "--quiet",
-                 "--threads", "1")
+                 "--threads", "1", "--plugin", str(SLOW_PLUGIN))
     workers = [subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         victim = wait_for(lambda: running_with_checkpoint(storage, study, out, epochs, need_complete=True), workers[0])
@@ -290,11 +292,12 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path):
+def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLOW_EPOCH_S", "1.5")  # longer than a poll of the storage takes under load
     out = tmp_path / "i"
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     args = ["search", *TINY, "--epochs", "4", "--trials", "2", "--pruner", "none", "--out", str(out),
-            "--heartbeat", "1"]
+            "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
     process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         victim = wait_for(lambda: out.joinpath("run.json").exists()

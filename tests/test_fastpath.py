@@ -136,12 +136,89 @@ def test_a_model_that_cannot_be_replayed_falls_back_to_the_plain_path(digits):
 def test_boundary_path_trains_on_views_and_is_shared_between_trials(digits):
     caches = TrialCaches(CachePolicy(views=2, seed=3))
     first = caches.plan(tiny_model("test_resnet", 2), "r", digits.train, digits.val, INPUTS, 2, 5, settings(3))
-    assert first.mode == "boundary" and first.note.startswith("2 view(s) at layer2") and "built in" in first.note
+    assert first.mode == "boundary" and re.fullmatch(r"2 view\(s\) at layer2, [\d.]+ MB", first.note), first.note
     history = first.run(lambda stats: None)
     assert len(history) == 3 and all(0 <= s.val_accuracy <= 1 for s in history)
+    assert re.fullmatch(r"2 view\(s\) at layer2, [\d.]+ MB; 3 from images, [\d.]+ s",
+                        first.describe()), first.describe()  # 2 views and validation; epoch 3 reads view 0 again
     second = caches.plan(tiny_model("test_resnet", 2, HeadConfig("mlp", 32, 0.1)), "r", digits.train, digits.val,
                          INPUTS, 2, 5, settings(3, seed=8))
-    assert second.mode == "boundary" and second.note.endswith("reused")
+    second.run(lambda stats: None)
+    assert second.mode == "boundary" and second.describe().endswith("; 3 part(s) reused"), second.describe()
+
+
+def test_a_pruned_trial_computes_only_the_views_it_read(digits):
+    caches = TrialCaches(CachePolicy(views=3))
+    path = caches.plan(tiny_model("test_resnet", 2), "r", digits.train, digits.val, INPUTS, 2, 5, settings(3))
+    (entry,) = caches._entries.values()
+    assert all(part is None for part in entry.parts)  # planning computes nothing
+    with pytest.raises(Killed):
+        path.run(die_after_first)
+    assert [part is not None for part in entry.parts] == [True, False, False, True]  # view 0 and validation
+    assert re.fullmatch(r"3 view\(s\) at layer2, [\d.]+ MB; 2 from images, [\d.]+ s", path.describe()), path.describe()
+
+
+def test_a_deeper_boundary_is_computed_from_a_shallower_cache_and_trains_the_same(digits):
+    """Trial at layer1, then at layer3: the layer3 activations come from replaying the cached layer1
+    ones through layer1-2, equal to computing them from the images, and training on them is the same."""
+    shared = TrialCaches(CachePolicy(views=2, seed=5))
+    shared.plan(tiny_model("test_resnet", 1), "r", digits.train, digits.val, INPUTS, 1, 5, settings(2)).run(
+        lambda stats: None)
+    deep_model = tiny_model("test_resnet", 3)
+    deep = shared.plan(deep_model, "r", digits.train, digits.val, INPUTS, 3, 5, settings(2))
+    derived = deep.run(lambda stats: None)
+    assert "3 from the layer1 cache" in deep.describe() and "from images" not in deep.describe(), deep.describe()
+
+    alone = TrialCaches(CachePolicy(views=2, seed=5))
+    alone_model = tiny_model("test_resnet", 3)
+    direct = alone.plan(alone_model, "r", digits.train, digits.val, INPUTS, 3, 5, settings(2))
+    expected = direct.run(lambda stats: None)
+    assert "3 from images" in direct.describe()
+    (by_replay,) = [e for key, e in shared._entries.items() if key[1] == "layer3"]
+    (by_images,) = alone._entries.values()
+    for a, b in zip(by_replay.parts, by_images.parts):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [s.val_accuracy for s in derived] == [s.val_accuracy for s in expected]
+    assert [s.train_loss for s in derived] == pytest.approx([s.train_loss for s in expected], rel=1e-4)
+
+
+def test_a_derivation_that_does_not_match_the_images_is_not_used(digits, monkeypatch):
+    import autotransfer.fastpath as fastpath
+
+    shared = TrialCaches(CachePolicy(views=1))
+    shared.plan(tiny_model("test_resnet", 1), "r", digits.train, digits.val, INPUTS, 1, 5, settings(1)).run(
+        lambda stats: None)
+    monkeypatch.setattr(fastpath, "capture_from", lambda backbone, source, activation, target:
+                        torch.zeros((len(activation), *target.shape)))  # a replay that gets it wrong
+    deep = shared.plan(tiny_model("test_resnet", 3), "r", digits.train, digits.val, INPUTS, 3, 5, settings(1))
+    deep.run(lambda stats: None)
+    assert re.fullmatch(r"1 view\(s\) at layer3, [\d.]+ MB; 2 from images, [\d.]+ s", deep.describe()), deep.describe()
+
+
+def test_the_boundary_cache_evicts_the_least_recently_used_entry_to_stay_in_budget(digits):
+    sizes = {}
+    for frozen in (2, 3):
+        probe = TrialCaches(CachePolicy(views=1))
+        probe.plan(tiny_model("test_resnet", frozen), "r", digits.train, digits.val, INPUTS, frozen, 5, settings(1))
+        (entry,) = probe._entries.values()
+        sizes[frozen] = entry.planned
+    caches = TrialCaches(CachePolicy(views=1, memory=max(sizes.values()) + 1))  # room for one at a time
+    assert sum(sizes.values()) > caches.policy.memory
+    for frozen, kept in ((3, ["layer3"]), (2, ["layer2"]), (3, ["layer3"])):
+        path = caches.plan(tiny_model("test_resnet", frozen), "r", digits.train, digits.val, INPUTS, frozen, 5,
+                           settings(1))
+        path.run(lambda stats: None)
+        assert path.mode == "boundary" and [key[1] for key in caches._entries] == kept
+        assert sum(e.nbytes for e in caches._entries.values()) <= caches.policy.memory
+
+
+def test_capturing_keeps_the_frozen_stages_in_eval_mode(digits):
+    model = tiny_model("test_resnet", 2).train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    images = eval_transform(digits.train.images[:4], 32, INPUTS.mean, INPUTS.std)
+    capture(model.backbone, verified_boundary(model.backbone, images), images)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not model.backbone.layer1.training and model.backbone.layer3.training
 
 
 def test_boundary_cache_over_budget_falls_back_with_the_reason(digits):
@@ -172,6 +249,9 @@ def test_search_records_the_cache_path_of_every_trial(tmp_path):
     for trial in study.trials:
         frozen, stages = trial.user_attrs["frozen_stages"], trial.user_attrs["num_stages"]
         assert trial.user_attrs["cache"] == ("features" if frozen == stages else expected[frozen])
+        if trial.user_attrs["cache"] == "boundary":  # after the trial: where its activations came from
+            assert re.fullmatch(r"2 view\(s\) at \S+, [\d.]+ [kMG]?B; .*(reused|from images|cache).*",
+                                trial.user_attrs["cache_note"]), trial.user_attrs["cache_note"]
     board = pd.read_csv(out / "leaderboard.csv")
     assert set(board["cache"]) <= {"features", "boundary", "plain"}
     assert (out / "features").is_dir() == any(t.user_attrs["cache"] == "features" for t in study.trials)

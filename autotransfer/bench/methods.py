@@ -165,7 +165,7 @@ def linear_probe(run: MethodRun) -> MethodResult:
     for name in search.config.backbones:
         try:
             backbone = provider_for(name, search.registries).create(name, weights_request(search.config, name))
-            inputs = search._inputs(search.infos[name])
+            inputs = search.inputs_for(name)
             size = inputs.resize_size
             train = extract(backbone.module, None, search.data.train.at_size(size), inputs, search.device, cache)
             val = extract(backbone.module, None, search.data.val.at_size(size), inputs, search.device, cache)
