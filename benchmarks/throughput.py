@@ -259,9 +259,15 @@ def search_summary(out: Path) -> dict:
     complete = board[board["state"] == "COMPLETE"]
     paths = board["cache"].value_counts().to_dict() if "cache" in board else {}
     trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}").get_trials(deepcopy=False)
+    unfrozen = [t for t in trials if t.user_attrs.get("frozen_stages") == 0]
     return {"best_val_accuracy": round(float(complete["val_accuracy"].max()), 4), "trials_complete": len(complete),
             "trials_pruned": int((board["state"] == "PRUNED").sum()),
             "paths": "; ".join(f"{k}={v}" for k, v in sorted(paths.items())),
+            # where the wall time went: inside trials, in trials with nothing frozen (no cache can
+            # help those), and epochs trained (pruning decides them, and may decide differently)
+            "trials_s": round(sum(t.user_attrs.get("duration_s", 0.0) for t in trials), 1),
+            "unfrozen_trials_s": round(sum(t.user_attrs.get("duration_s", 0.0) for t in unfrozen), 1),
+            "epochs_trained": sum(len(t.intermediate_values) for t in trials),
             "trial_params": [t.params for t in sorted(trials, key=lambda t: t.number)]}
 
 
@@ -288,7 +294,7 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
             summary.pop("trial_params")
             row = {"section": "search", "mode": mode, "seed": seed, "trials": trials, "epochs": epochs or "default",
                    "image_size": image_size or "default", "backbone": "|".join(backbones), "wall_s": round(seconds, 1),
-                   **summary}
+                   **summary, "outside_trials_s": round(seconds - summary["trials_s"], 1)}
             if mode != "uncached":
                 row["speedup"] = round(uncached_s / seconds, 2)
                 row["accuracy_gap_points"] = round(100 * (row["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
