@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -185,6 +186,33 @@ class CachedProvider:
 
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
         raise NotImplementedError
+
+
+class ModuleProvider(CachedProvider):
+    """Serves one name from a module factory: the shortest way for a plugin to add a backbone it
+    builds itself. The module has `num_features` and a timm-style `group_matcher`; it starts from
+    random init (seeded, so trials share it), or from `--weights NAME=FILE`."""
+
+    def __init__(self, model_name: str, factory: Callable[[], nn.Module], preprocessing: Preprocessing):
+        super().__init__()
+        self.name, self.names = model_name, (model_name,)
+        self.factory, self.preprocessing = factory, preprocessing
+
+    def matches(self, model_name: str) -> bool:
+        return model_name == self.name
+
+    def describe(self, model_name: str) -> BackboneInfo:
+        backbone = self.create(model_name, WeightsRequest(pretrained=False))
+        return BackboneInfo(model_name, len(backbone.stages), backbone.num_features, self.preprocessing)
+
+    def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        torch.manual_seed(0)
+        module = self.factory()
+        source = "random init"
+        if weights.file:
+            load_into(module, read_state_dict(weights.file), name=model_name, origin=weights.file)
+            source = f"file:{weights.file}"
+        return Backbone(module, int(module.num_features), timm_stages(module), self.preprocessing, source)
 
 
 class TimmProvider(CachedProvider):

@@ -114,7 +114,6 @@ class BoundaryEntry:
     labels: torch.Tensor
     val_labels: torch.Tensor
     planned: int  # bytes once every part is computed
-    seconds: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -284,7 +283,6 @@ class _PartFiller:
                 self.counts.computed += 1
             seconds = time.perf_counter() - start
             self.entry.parts[index] = part
-            self.entry.seconds += seconds
             self.counts.seconds += seconds
         self.seen.add(index)
         return part

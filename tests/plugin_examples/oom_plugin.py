@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from autotransfer.backbones import Backbone, BackboneInfo, CachedProvider, Preprocessing, WeightsRequest, timm_stages
+from autotransfer.backbones import ModuleProvider, Preprocessing
 from autotransfer.hookspecs import hookimpl
 
 OOM_LIMIT = 8
@@ -38,25 +38,9 @@ class OomNet(nn.Module):
         return self.blocks(self.stem(images)).mean(dim=(2, 3))
 
 
-class OomNetProvider(CachedProvider):
-    name = "oomnet"
-    names = ("oomnet",)
-
-    def matches(self, model_name: str) -> bool:
-        return model_name == "oomnet"
-
-    def describe(self, model_name: str) -> BackboneInfo:
-        return BackboneInfo(model_name, 2, 12, PREPROCESSING)
-
-    def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        torch.manual_seed(0)
-        module = OomNet()
-        return Backbone(module, 12, timm_stages(module), PREPROCESSING, "random init")
-
-
 @hookimpl
 def autotransfer_backbone_providers() -> list:
-    return [OomNetProvider()]
+    return [ModuleProvider("oomnet", OomNet, PREPROCESSING)]
 
 
 @hookimpl

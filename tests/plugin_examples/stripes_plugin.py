@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autotransfer.backbones import Backbone, BackboneInfo, CachedProvider, Preprocessing, WeightsRequest, timm_stages
+from autotransfer.backbones import ModuleProvider, Preprocessing
 from autotransfer.data import LabelledRefs
 from autotransfer.errors import UserError
 from autotransfer.hookspecs import hookimpl
@@ -63,22 +63,6 @@ class StripeNet(nn.Module):
         return self.blocks(self.stem(images)).mean(dim=(2, 3))
 
 
-class StripeNetProvider(CachedProvider):
-    name = "stripenet"
-    names = ("stripenet",)
-
-    def matches(self, model_name: str) -> bool:
-        return model_name == "stripenet"
-
-    def describe(self, model_name: str) -> BackboneInfo:
-        return BackboneInfo(model_name, 3, 12, PREPROCESSING)
-
-    def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        torch.manual_seed(0)
-        module = StripeNet()
-        return Backbone(module, 12, timm_stages(module), PREPROCESSING, "random init")
-
-
 def mean_feature_norm(features: np.ndarray, labels: np.ndarray, source_probs=None) -> float:
     return float(np.linalg.norm(features.mean(axis=0)))
 
@@ -97,7 +81,7 @@ def autotransfer_dataset_sources() -> list:
 
 @hookimpl
 def autotransfer_backbone_providers() -> list:
-    return [StripeNetProvider()]
+    return [ModuleProvider("stripenet", StripeNet, PREPROCESSING)]
 
 
 @hookimpl
