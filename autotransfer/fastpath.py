@@ -227,6 +227,12 @@ class TrialCaches:
         while self._entries and sum(e.planned for e in self._entries.values()) + needed > self.policy.memory:
             self._entries.popitem(last=False)
 
+    def derivable(self, pair: Hashable, check: Callable[[], bool]) -> bool:
+        """Whether a deeper boundary may be computed from a shallower one: `check` runs once per pair."""
+        if pair not in self._derivable:
+            self._derivable[pair] = check()
+        return self._derivable[pair]
+
     def shallower(self, family: Hashable, boundary: Boundary, index: int) -> BoundaryEntry | None:
         """The deepest cached entry of this family above `boundary` that has part `index`."""
         found = [entry for (fam, _), entry in self._entries.items()
@@ -325,23 +331,21 @@ class _PartFiller:
         return rows
 
     def _derivable(self, source: Boundary) -> bool:
-        """Once per pair of boundaries: does replaying from `source` give what the images give?"""
-        key = (self.family, source.name, self.boundary.name)
-        if key not in self.caches._derivable:
-            origin = source.on(self.backbone)
-            autocast, _ = autocast_for(self.device)
-            try:
-                with autocast():
-                    direct = capture(self.backbone, self.boundary, self.sample)
-                    via = capture_from(self.backbone, origin, capture(self.backbone, origin, self.sample),
-                                       self.boundary)
-                tolerance = 1e-4 if store_dtype(self.device) == torch.float32 else 3e-2
-                ok = via.shape == direct.shape and torch.allclose(via.float(), direct.float(), rtol=tolerance,
-                                                                  atol=tolerance)
-            except Exception:  # anything the replay cannot do: compute from images instead
-                ok = False
-            self.caches._derivable[key] = ok
-        return self.caches._derivable[key]
+        pair = (self.family, source.name, self.boundary.name)
+        return self.caches.derivable(pair, lambda: self._replay_matches(source))
+
+    def _replay_matches(self, source: Boundary) -> bool:
+        """Does replaying from `source` give what the images give, on the sample?"""
+        origin = source.on(self.backbone)
+        autocast, _ = autocast_for(self.device)
+        try:
+            with autocast():
+                direct = capture(self.backbone, self.boundary, self.sample)
+                via = capture_from(self.backbone, origin, capture(self.backbone, origin, self.sample), self.boundary)
+        except Exception:  # anything the replay cannot do: compute from images instead
+            return False
+        tolerance = 1e-4 if store_dtype(self.device) == torch.float32 else 3e-2
+        return via.shape == direct.shape and torch.allclose(via.float(), direct.float(), rtol=tolerance, atol=tolerance)
 
 
 def view_seed(seed: int, view: int) -> int:

@@ -5,8 +5,9 @@ Three tables, one CSV each section's rows tagged by `section`:
 
 - `step`: training images/s of the plain-path trial step (`trainer.train`, its `train_seconds`)
   and of the textbook loop a person would write (same model and initial weights, same batches,
-  same augmentation call, same precision, images already in memory), alternating epoch by epoch
-  so that both see the same machine load; the median of the repeats and their ratio.
+  same augmentation call, same precision, images already in memory, torch's default Adam and
+  memory layout), alternating epoch by epoch so that both see the same machine load; the median
+  of the repeats and their ratio.
 - `cache`: per-epoch training seconds of frozen trials on the plain path and on the cached path
   (pooled features when the whole backbone is frozen, boundary activations otherwise), the one-off
   cost of filling the cache, and for partly frozen trials the frozen share of the training FLOPs
@@ -49,11 +50,11 @@ from autotransfer.data import train_transform  # noqa: E402
 from autotransfer.heads import HeadConfig  # noqa: E402
 from autotransfer.model import assemble  # noqa: E402
 from autotransfer.search import RunOptions, Search, weights_request  # noqa: E402
-from autotransfer.trainer import autocast_for, make_optimizer, train  # noqa: E402
+from autotransfer.trainer import autocast_for, train  # noqa: E402
 
 MOBILENETS = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
 STUDY = "throughput"
-RANDOM_INIT = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")  # timm names, no hub here
+RANDOM_INIT = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0", "test_resnet")  # timm names, no hub here
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,12 @@ def parse_cases(text: str) -> list[Case]:
 
 # --------------------------------------------------------------------------- the shared setup
 
-def prepared(dataset: str, backbones: list[str], image_size: int, device: str, seed: int) -> Search:
+def prepared(dataset: str, backbones: list[str], image_size: int, device: str, seed: int, work: Path) -> Search:
     """The data exactly as a trial sees it: decoded once, split, resized, in memory."""
     weights = {name: "random" for name in backbones if name in RANDOM_INIT}
     config = SearchConfig(dataset=dataset, backbones=backbones, weights=weights, image_size=image_size,
                           seed=seed).validate()
-    search = Search(config, RunOptions(out=ROOT / "runs" / "bench-throughput", storage="", study_name="",
+    search = Search(config, RunOptions(out=work, storage="", study_name="",
                                        device=device, quiet=True))
     search.prepare()
     return search
@@ -137,7 +138,7 @@ def step_rows(search: Search, cases: list[Case], repeats: int, batch_size: int) 
         inputs, train_set, val_set = case_data(search, case)
         ours, frozen = build_model(search, case)
         theirs = copy.deepcopy(ours).to(device)
-        optimizer = make_optimizer("adam", [p for p in theirs.parameters() if p.requires_grad], 1e-4)
+        optimizer = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)  # torch's default
         generator = torch.Generator().manual_seed(1)
         trial_s, reference_s = [], []
 
@@ -271,14 +272,24 @@ def search_summary(out: Path) -> dict:
             "trial_params": [t.params for t in sorted(trials, key=lambda t: t.number)]}
 
 
+def frozen_free_speedup(uncached: dict, wall_s: float) -> float:
+    """The speed-up caching would give if every trial with frozen stages took no time at all: the
+    process start-up and the unfrozen trials (which no cache of frozen layers can shorten) remain.
+    A ceiling for any cache at equal trials, up to pruning deciding differently."""
+    return round(wall_s / (wall_s - uncached["trials_s"] + uncached["unfrozen_trials_s"]), 2)
+
+
 def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | None, image_size: int | None,
-                seeds: list[int], work: Path, device: str) -> list[dict]:
+                frozen_stages: str | None, seeds: list[int], work: Path, device: str) -> list[dict]:
     """Per seed: the uncached search (seeded TPE), the cached search on exactly its trial
     configurations (`same-trials`: what caching changes, trajectory held fixed), and the cached
     search choosing its own (`own-search`: what a user sees, trajectory free to differ)."""
     weights = [f"--weights={name}=random" for name in backbones if name in RANDOM_INIT]
     sizing = ([] if epochs is None else ["--epochs", str(epochs)]) + (
-        [] if image_size is None else ["--image-size", str(image_size)])
+        [] if image_size is None else ["--image-size", str(image_size)]) + (
+        [] if frozen_stages is None else ["--frozen-stages", frozen_stages])
+    shape = {"trials": trials, "epochs": epochs or "default", "image_size": image_size or "default",
+             "frozen_stages": frozen_stages or "default", "backbone": "|".join(backbones)}
     rows = []
     for seed in seeds:
         common = ["search", "--dataset", dataset, "--study", STUDY, "--backbones", ",".join(backbones), *weights,
@@ -292,10 +303,11 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
                                    ("cached-own-search", own_s, "own")):
             summary = uncached if out == "uncached" else search_summary(base / out)
             summary.pop("trial_params")
-            row = {"section": "search", "mode": mode, "seed": seed, "trials": trials, "epochs": epochs or "default",
-                   "image_size": image_size or "default", "backbone": "|".join(backbones), "wall_s": round(seconds, 1),
+            row = {"section": "search", "mode": mode, "seed": seed, **shape, "wall_s": round(seconds, 1),
                    **summary, "outside_trials_s": round(seconds - summary["trials_s"], 1)}
-            if mode != "uncached":
+            if mode == "uncached":
+                row["frozen_free_speedup"] = frozen_free_speedup(uncached, seconds)
+            else:
                 row["speedup"] = round(uncached_s / seconds, 2)
                 row["accuracy_gap_points"] = round(100 * (row["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
             rows.append(row)
@@ -303,14 +315,15 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
     for mode in ("cached-same-trials", "cached-own-search"):
         mine = [r for r in rows if r["mode"] == mode]
         base = [r for r in rows if r["mode"] == "uncached"]
-        rows.append({"section": "search", "mode": f"{mode} (mean of {len(seeds)} seeds)", "seed": "all",
-                     "trials": trials, "epochs": epochs or "default", "image_size": image_size or "default",
-                     "backbone": "|".join(backbones), "wall_s": round(statistics.mean(r["wall_s"] for r in mine), 1),
+        rows.append({"section": "search", "mode": f"{mode} (mean of {len(seeds)} seeds)", "seed": "all", **shape,
+                     "wall_s": round(statistics.mean(r["wall_s"] for r in mine), 1),
                      "best_val_accuracy": round(statistics.mean(r["best_val_accuracy"] for r in mine), 4),
                      "speedup": round(statistics.mean(r["wall_s"] for r in base)
                                       / statistics.mean(r["wall_s"] for r in mine), 2),
                      "accuracy_gap_points": round(100 * statistics.mean(
-                         r["best_val_accuracy"] - b["best_val_accuracy"] for r, b in zip(mine, base)), 2)})
+                         r["best_val_accuracy"] - b["best_val_accuracy"] for r, b in zip(mine, base)), 2),
+                     "frozen_free_speedup": round(statistics.mean(b["wall_s"] for b in base) / statistics.mean(
+                         b["wall_s"] - b["trials_s"] + b["unfrozen_trials_s"] for b in base), 2)})
         print(rows[-1], flush=True)
     return rows
 
@@ -336,15 +349,17 @@ def main() -> None:
     parser.add_argument("--search-image-size", type=int, default=None, help="default: the search's own default")
     parser.add_argument("--search-seeds", default="0,1,2")
     parser.add_argument("--search-backbones", default=",".join(MOBILENETS))
+    parser.add_argument("--search-frozen-stages", default=None, help="default: the search's own space (0-all)")
     parser.add_argument("--sections", default="step,cache,search")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/throughput-<device>.csv)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-throughput", help="scratch folder")
     args = parser.parse_args()
     os.environ.setdefault("AUTOTRANSFER_MOBILENETV1_WEIGHTS", str(SHARED / "weights"))
     sections = set(args.sections.split(","))
     step_cases, cache_cases = parse_cases(args.cases), parse_cases(args.cache_cases)
     backbones = sorted({c.backbone for c in step_cases + cache_cases})
-    search = prepared(args.dataset, backbones, args.image_size, args.device, seed=0)
+    search = prepared(args.dataset, backbones, args.image_size, args.device, seed=0, work=args.work)
     rows: list[dict] = []
     if "step" in sections:
         rows += step_rows(search, step_cases, args.repeats, args.batch_size)
@@ -352,8 +367,8 @@ def main() -> None:
         rows += cache_rows(search, cache_cases, args.repeats, args.batch_size)
     if "search" in sections:
         rows += search_rows(args.dataset, args.search_backbones.split(","), args.trials, args.search_epochs,
-                            args.search_image_size, [int(seed) for seed in args.search_seeds.split(",")],
-                            ROOT / "runs" / "bench-throughput", args.device)
+                            args.search_image_size, args.search_frozen_stages, [int(seed) for seed in args.search_seeds.split(",")],
+                            args.work, args.device)
     extra = environment(search.device)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{search.device.type}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
