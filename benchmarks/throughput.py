@@ -16,7 +16,9 @@ Three tables, one CSV each section's rows tagged by `section`:
   with caching (the default), at the search's own default epochs and image size unless told,
   for several seeds. Caching runs twice per seed: on exactly the uncached search's trial
   configurations (`cached-same-trials`, which isolates what caching changes) and as its own
-  search (`cached-own-search`, whose TPE trajectory may differ, as a user's would).
+  search (`cached-own-search`, whose TPE trajectory may differ, as a user's would). Each row says
+  where the wall time went (outside trials, in trials, in trials with nothing frozen), and the
+  uncached row's `frozen_free_speedup` is the most any cache of frozen layers could give.
 
     python benchmarks/throughput.py            # CPU here; on a GPU machine add --device cuda
 """
@@ -237,12 +239,14 @@ def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int,
 # --------------------------------------------------------------------------- search: cached vs not
 
 def run_search(common: list[str], out: Path, extra: list[str], enqueue: list[dict] | None = None) -> float:
-    """Wall seconds of one `autotransfer search` process; with `enqueue`, the study is created first
-    (untimed) and those configurations queued, so the timed process trains exactly them."""
+    """Wall seconds of one `autotransfer search` process. Every mode first creates its study in an
+    untimed process, which also brings torch's libraries back into the page cache (here they are
+    often evicted between runs, and a cold import took up to 18 s), so no mode pays for that alone.
+    With `enqueue`, those configurations are queued, so the timed process trains exactly them."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "autotransfer.cli", *common, *extra, "--out", str(out)]
+    subprocess.run([*command, "--create-only"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if enqueue is not None:
-        subprocess.run([*command, "--create-only"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import optuna
 
         study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
