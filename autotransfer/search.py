@@ -389,8 +389,9 @@ class Search:
             raise
         finally:
             duration = time.perf_counter() - start
-            if path is not None and path.describe() != path.note:  # what the caches did, now that it ran
-                trial.set_user_attr("cache_note", path.describe())
+            done = path.describe() if path is not None else None
+            if done is not None and done != path.note:  # what the caches did, now that it ran
+                trial.set_user_attr("cache_note", done)
             if reason is not None:
                 trial.set_user_attr("reason", reason)
             trial.set_user_attr("duration_s", round(duration, 3))

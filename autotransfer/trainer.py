@@ -19,7 +19,6 @@ from .train_state import TrainState
 log = logging.getLogger(__name__)
 
 
-
 def eval_batch(device: torch.device) -> int:
     """The batch of passes without gradients (validation, feature and activation caches): large on
     a GPU; small on a CPU, whose caches then hold the activations (MobileNetV1 at 160 px ran its

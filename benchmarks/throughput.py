@@ -276,11 +276,11 @@ def search_summary(out: Path) -> dict:
             "trial_params": [t.params for t in sorted(trials, key=lambda t: t.number)]}
 
 
-def frozen_free_speedup(uncached: dict, wall_s: float) -> float:
-    """The speed-up caching would give if every trial with frozen stages took no time at all: the
-    process start-up and the unfrozen trials (which no cache of frozen layers can shorten) remain.
-    A ceiling for any cache at equal trials, up to pruning deciding differently."""
-    return round(wall_s / (wall_s - uncached["trials_s"] + uncached["unfrozen_trials_s"]), 2)
+def frozen_free_seconds(row: dict) -> float:
+    """A search row's wall time if every trial with frozen stages took no time at all: the process
+    start-up and the unfrozen trials (which no cache of frozen layers can shorten) remain. Its
+    ratio to the wall time bounds any cache at equal trials, up to pruning deciding differently."""
+    return row["wall_s"] - row["trials_s"] + row["unfrozen_trials_s"]
 
 
 def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | None, image_size: int | None,
@@ -310,7 +310,7 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
             row = {"section": "search", "mode": mode, "seed": seed, **shape, "wall_s": round(seconds, 1),
                    **summary, "outside_trials_s": round(seconds - summary["trials_s"], 1)}
             if mode == "uncached":
-                row["frozen_free_speedup"] = frozen_free_speedup(uncached, seconds)
+                row["frozen_free_speedup"] = round(row["wall_s"] / frozen_free_seconds(row), 2)
             else:
                 row["speedup"] = round(uncached_s / seconds, 2)
                 row["accuracy_gap_points"] = round(100 * (row["best_val_accuracy"] - uncached["best_val_accuracy"]), 2)
@@ -326,8 +326,8 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
                                       / statistics.mean(r["wall_s"] for r in mine), 2),
                      "accuracy_gap_points": round(100 * statistics.mean(
                          r["best_val_accuracy"] - b["best_val_accuracy"] for r, b in zip(mine, base)), 2),
-                     "frozen_free_speedup": round(statistics.mean(b["wall_s"] for b in base) / statistics.mean(
-                         b["wall_s"] - b["trials_s"] + b["unfrozen_trials_s"] for b in base), 2)})
+                     "frozen_free_speedup": round(statistics.mean(b["wall_s"] for b in base)
+                                                  / statistics.mean(frozen_free_seconds(b) for b in base), 2)})
         print(rows[-1], flush=True)
     return rows
 
@@ -371,8 +371,8 @@ def main() -> None:
         rows += cache_rows(search, cache_cases, args.repeats, args.batch_size)
     if "search" in sections:
         rows += search_rows(args.dataset, args.search_backbones.split(","), args.trials, args.search_epochs,
-                            args.search_image_size, args.search_frozen_stages, [int(seed) for seed in args.search_seeds.split(",")],
-                            args.work, args.device)
+                            args.search_image_size, args.search_frozen_stages,
+                            [int(seed) for seed in args.search_seeds.split(",")], args.work, args.device)
     extra = environment(search.device)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{search.device.type}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
