@@ -64,6 +64,7 @@ class PretrainConfig:
 def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False) -> Manifest:
     """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest."""
     config.validate()
+    torch.manual_seed(config.seed)  # random init (backbone and head) is part of what --seed fixes
     found = registries(tuple(plugins))
     provider = provider_for(config.backbone, found)
     info = provider.describe(config.backbone)

@@ -61,6 +61,18 @@ def test_checkpoint_files_and_manifest(checkpoint):
     assert set(load_file(str(checkpoint / BACKBONE_FILE))) == set(fresh)
 
 
+def test_pretraining_from_random_init_is_reproducible_from_its_seed(tmp_path):
+    args = ["pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH, "--no-pretrained", "--epochs", "1",
+            "--image-size", "32", "--quiet"]
+    for name in ("first", "second"):  # separate processes: nothing shared but the seed
+        assert run_cli(*args, "--out", str(tmp_path / name)).returncode == 0
+    for file in (BACKBONE_FILE, HEAD_FILE):
+        first, second = load_file(str(tmp_path / "first" / file)), load_file(str(tmp_path / "second" / file))
+        assert first.keys() == second.keys()
+        for key in first:
+            torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
 def test_search_uses_checkpoint_next_to_random_init(checkpoint, tmp_path):
     out = tmp_path / "target"
     result = run_cli("search", *TARGET, "--backbones", f"{ARCH},{checkpoint}", "--trials", "4", "--out", str(out))
