@@ -42,6 +42,8 @@ def _search_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="default 32")
     p.add_argument("--image-size", type=int, help=f"crop size (default: the backbone's, at most {c.CPU_IMAGE_SIZE_CAP} on CPU)")
     p.add_argument("--val-fraction", type=float, help="validation share when the data has no split (default 0.2)")
+    p.add_argument("--val-as-test", action="store_true", help="hold the dataset's val split out as the test split "
+                   "and carve val from train (for data that ships only train/ and val/)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--pruner", choices=c.PRUNERS, help="default median")
     p.add_argument("--trials", type=int, help="finished trials wanted in the study (default 20)")
@@ -121,6 +123,7 @@ def _rank_parser(sub) -> None:
     p.add_argument("--weights", action="append", metavar="NAME=PATH|random", default=[])
     p.add_argument("--image-size", type=int)
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out as in search; scores use the rest")
+    p.add_argument("--val-as-test", action="store_true", help="as in search: val is held out, val carved from train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for rank.csv/rank.md and the feature cache (default runs/<dataset>-rank)")
@@ -138,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _search_parser(sub)
     _worker_parser(sub)
     p = sub.add_parser("leaderboard", help="rebuild the leaderboard from the storage (also while a search runs)")
-    p.add_argument("run_dir", nargs="?", help="a search's --out folder")
+    p.add_argument("run_dir", nargs="?", help="a search's --out folder (its best/ model is scored on the test split "
+                   "when the dataset has one and no score is stored yet)")
     p.add_argument("--storage")
     p.add_argument("--study")
     p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--device", default="auto", help="for scoring best/ on the test split (default auto)")
+    p.add_argument("--plugin", action="append", default=[], help="plugin module or file.py to load (repeatable)")
     p = sub.add_parser("predict", help="label images with a saved model")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--model", required=True, help="a saved model folder, e.g. runs/<study>/best")
@@ -183,7 +189,8 @@ def _search(args: argparse.Namespace) -> int:
 
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
-                                      "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "seed",
+                                      "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
+                                      "seed",
                                       "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
                                       "compile") if k in given}
     if "weights" in given:
@@ -221,11 +228,14 @@ def _search(args: argparse.Namespace) -> int:
         print(f"study {study_name!r} is ready; start workers with: {PROG} worker --storage {storage} --study {study_name}",
               file=sys.stderr)
         return 0
+    from .holdout import selection_summary
+
     frame = leaderboard.leaderboard_frame(study)
     print(leaderboard.to_markdown(frame))
     if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
         print("\nbest per backbone:\n")
         print(leaderboard.to_markdown(leaderboard.per_backbone(frame)))
+    print("\n" + selection_summary(study, frame, has_test=len(search.test_refs[0]) > 0))
     if not options.quiet:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
@@ -299,9 +309,34 @@ def _leaderboard(args: argparse.Namespace) -> int:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise UserError(f"no study {study_name!r} in {storage}") from None
+    if args.run_dir:
+        _score_run_on_test(study, Path(args.run_dir), args)
     frame = leaderboard.leaderboard_frame(study)
     print(frame.to_csv(index=False) if args.format == "csv" else leaderboard.to_markdown(frame))
     return 0
+
+
+def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
+    """`leaderboard RUN_DIR`: score the run's best/ on the test split when that trial has no score yet."""
+    from .config import CONFIG_ATTR, SearchConfig
+    from .holdout import saved_trial, score_best, stored_score
+    from .plugins import registries
+    from .search import BEST_DIR, load_source, resolve_device
+
+    best = run_dir / BEST_DIR
+    trial = saved_trial(best)
+    stored = stored_score(study)
+    if trial is None or (stored is not None and stored.get("trial") == trial) or CONFIG_ATTR not in study.user_attrs:
+        return
+    config = SearchConfig.from_dict(study.user_attrs[CONFIG_ATTR])
+    found = registries(tuple(args.plugin))
+    try:
+        refs, labels = load_source(config, found).split_refs("test")
+    except UserError as exc:  # the data moved or needs a plugin: the leaderboard still prints, without it
+        print(f"{PROG}: warning: best/ not scored on the test split: {exc}", file=sys.stderr)
+        return
+    if len(refs):
+        score_best(study, best, found, resolve_device(args.device), refs=refs, labels=labels)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -325,7 +360,8 @@ def _rank(args: argparse.Namespace) -> int:
 
     config = c.SearchConfig(dataset=args.dataset, backbones=args.backbones, pretrained=args.pretrained,
                             weights=c.parse_weights(args.weights), image_size=args.image_size,
-                            val_fraction=args.val_fraction, seed=args.seed).validate()
+                            val_fraction=args.val_fraction, val_as_test=args.val_as_test,
+                            seed=args.seed).validate()
     out = Path(args.out or Path("runs") / f"{default_study_name(args.dataset)}-rank")
     search = Search(config, RunOptions(out=out, storage="", study_name="", device=args.device, quiet=args.quiet,
                                        plugins=tuple(args.plugin)))

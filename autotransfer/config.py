@@ -42,6 +42,7 @@ class SearchConfig:
     batch_size: int = 32
     image_size: int | None = None
     val_fraction: float = 0.2
+    val_as_test: bool = False  # the dataset's val split is held out as test; val is carved from train
     seed: int = 0
     pruner: str = "median"
     trials: int | None = 20

@@ -3,6 +3,12 @@
 Images are decoded a single time per run to a square `decode_size` (resize the short side,
 centre crop), so trials never re-decode JPEGs. Augmentation and normalisation run on whole
 batches of tensors, on the training device.
+
+Splits: train, val and test. The test split is fixed by the source alone (a `test/` folder, a
+CSV `split=test`, the built-in digits' fixed carve, or a plugin's own), never by `--seed` or
+`--val-fraction`, and it is kept apart from everything that chooses: `PreparedData.test` is
+decoded like the others, but trials, pruning, pre-ranking and the choice of the best trial read
+`train` and `val` only. A missing val split is carved from train (stratified, seeded).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 ImageRef = Union[Path, np.ndarray, bytes]  # a file, decoded pixels (H, W[, C]) uint8, or encoded image bytes
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLITS = ("train", "val", "test")
+BUILTIN_TEST_FRACTION = 0.2  # built-in digits: a fixed, stratified test carve ...
+BUILTIN_TEST_SEED = 0        # ... the same whatever --seed, so every run and method scores the same images
 TRAIN_SCALE = (0.6, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
 
@@ -41,12 +50,34 @@ class LabelledRefs:
     refs: list[ImageRef]
     labels: np.ndarray
     class_names: list[str]
-    splits: np.ndarray | None = None  # "train"/"val" per image, or None to split here
+    splits: np.ndarray | None = None  # "train"/"val"/"test" per image, or None: val (and no test) split here
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.splits is not None:
             self.splits = np.asarray(self.splits)
+            bad = sorted(set(self.splits.tolist()) - set(SPLITS))
+            if bad:
+                raise UserError(f"dataset {self.name!r}: unknown split value(s) {', '.join(map(repr, bad))}; "
+                                f"a source must label each image {', '.join(SPLITS)}")
+
+    def with_val_as_test(self) -> "LabelledRefs":
+        """The source's val split becomes the test split; the search then carves its own val from train
+        (for datasets that ship only train/val, like a benchmark that must keep one split unseen)."""
+        if self.splits is None or not (self.splits == "val").any():
+            raise UserError(f"dataset {self.name!r} has no val split to hold out as test; "
+                            "drop --val-as-test or give a dataset with a val split")
+        if (self.splits == "test").any():
+            raise UserError(f"dataset {self.name!r} already has a test split; drop --val-as-test")
+        return LabelledRefs(self.name, self.refs, self.labels, self.class_names,
+                            np.where(self.splits == "val", "test", self.splits))
+
+    def split_refs(self, split: str) -> tuple[list[ImageRef], np.ndarray]:
+        """The undecoded images and labels of one source-defined split (empty when there is none)."""
+        if self.splits is None:
+            return [], np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(self.splits == split)
+        return [self.refs[i] for i in rows], self.labels[rows]
 
 
 def from_torch_dataset(dataset, name: str) -> LabelledRefs:
@@ -98,7 +129,8 @@ def load_dataset(source, uri: str) -> LabelledRefs:
 # --------------------------------------------------------------------------- sources
 
 class FolderSource:
-    """ImageFolder layout: `root/train/<class>/*` + `root/val/<class>/*`, or `root/<class>/*`."""
+    """ImageFolder layout: `root/train/<class>/*` with optional `root/val/` and `root/test/` beside it,
+    or `root/<class>/*`. Without val/, val is carved from train; test/ is never carved."""
 
     name = "folder"
 
@@ -107,17 +139,17 @@ class FolderSource:
 
     def load(self, uri: str) -> LabelledRefs:
         root = Path(uri)
-        split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in _subdirs(root) if p.name.lower() in SPLIT_NAMES}
-        if "train" in split_dirs and "val" in split_dirs:
+        split_dirs = _split_dirs(root)
+        if split_dirs:
             parts = {split: _scan_classes(path) for split, path in split_dirs.items()}
-            class_names = sorted(set(parts["train"]) | set(parts["val"]))
+            class_names = sorted(set().union(*parts.values()))
         else:
             parts = {None: _scan_classes(root)}
             class_names = sorted(parts[None])
         if not class_names:
             raise UserError(
                 f"no class folders in {root}; expected {root}/<class>/<image> or "
-                f"{root}/train/<class>/<image> with {root}/val/<class>/<image>")
+                f"{root}/train/<class>/<image> (with val/ and test/ beside train/ when you have them)")
         index = {name: i for i, name in enumerate(class_names)}
         refs, labels, splits = [], [], []
         for split, classes in parts.items():
@@ -129,6 +161,30 @@ class FolderSource:
             raise UserError(f"no files found under {root}; put images in one folder per class")
         return LabelledRefs(root.name, refs, np.array(labels), class_names,
                             None if None in parts else np.array(splits))
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """`train/` (+ `val/`, `valid/`, `validation/`, `test/`) at the top of `root`, or {} for a class layout.
+    Any other folder beside train/ is an error, not a class; so is a split folder without train/."""
+    folders = _subdirs(root)
+    named = {p.name.lower(): p for p in folders if p.name.lower() in SPLIT_NAMES}
+    if "train" not in named:
+        if named:
+            found = ", ".join(f"{p.name}/" for p in named.values())
+            raise UserError(f"{root} has {found} but no train/ beside it; a split layout needs train/ "
+                            "(rename the folder if it is a class)")
+        return {}
+    stray = [p.name for p in folders if p.name.lower() not in SPLIT_NAMES]
+    if stray:
+        raise UserError(f"{root} has a folder {stray[0]!r} beside train/; only train/, val/ (or valid/, validation/) "
+                        f"and test/ may stand there: move {stray[0]!r} inside a split or out of {root}")
+    splits: dict[str, Path] = {}
+    for key, path in sorted(named.items()):
+        split = SPLIT_NAMES[key]
+        if split in splits:
+            raise UserError(f"{root} has both {splits[split].name}/ and {path.name}/; keep one {split} folder")
+        splits[split] = path
+    return splits
 
 
 class CsvSource:
@@ -160,7 +216,8 @@ class CsvSource:
         if "split" in columns:
             bad = sorted({row["split"] for row in rows if row["split"].lower() not in SPLIT_NAMES})
             if bad:
-                raise UserError(f"CSV manifest {path}: unknown split value(s) {', '.join(map(repr, bad))}; use train or val")
+                raise UserError(f"CSV manifest {path}: unknown split value(s) {', '.join(map(repr, bad))}; "
+                                "use train, val or test")
             splits = np.array([SPLIT_NAMES[row["split"].lower()] for row in rows])
         return LabelledRefs(path.stem, refs, labels, class_names, splits)
 
@@ -192,7 +249,19 @@ class BuiltinSource:
         remap = {old: new for new, old in enumerate(keep)}
         labels = np.array([remap[t] for t in digits.target[rows]])
         name = "digits" if not subset else f"digits-{subset.replace(',', '_')}"
-        return LabelledRefs(name, list(images[rows]), labels, [names[k] for k in keep])
+        return LabelledRefs(name, list(images[rows]), labels, [names[k] for k in keep], _fixed_test_carve(labels))
+
+
+def _fixed_test_carve(labels: np.ndarray) -> np.ndarray:
+    """"test" for a stratified BUILTIN_TEST_FRACTION of the images, "train" for the rest; the same for
+    every run (its seed is fixed, not --seed), so val is carved from the rest and test stays unseen."""
+    from sklearn.model_selection import train_test_split
+
+    _, test_index = train_test_split(np.arange(len(labels)), test_size=BUILTIN_TEST_FRACTION, stratify=labels,
+                                     random_state=BUILTIN_TEST_SEED)
+    splits = np.full(len(labels), "train", dtype=object)
+    splits[test_index] = "test"
+    return splits
 
 
 def _digit_subset(uri: str, spec: str) -> list[int]:
@@ -411,12 +480,16 @@ class StreamedView(ImageSet):
 
 @dataclass
 class PreparedData:
+    """Decoded splits. `test` (None when the dataset has none) is for scoring a chosen model only:
+    nothing that trains, validates, prunes, pre-ranks or chooses reads it."""
+
     name: str
     class_names: list[str]
     train: ImageSet
     val: ImageSet
     decode_size: int
     skipped: list[str]
+    test: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -447,8 +520,9 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
         raise UserError(f"dataset {refs.name!r} has no readable images ({n} files tried); check the path and formats")
     keep = np.flatnonzero(ok)
     labels = refs.labels[keep]
-    splits = (refs.splits[keep] if refs.splits is not None
-              else _stratified_split(labels, refs.class_names, val_fraction, seed, refs.name))
+    carve_val = refs.splits is None or not (refs.splits == "val").any()  # what the source gave, before skips
+    splits = assign_splits(labels, None if refs.splits is None else refs.splits[keep], refs.class_names,
+                           val_fraction, seed, refs.name, carve_val=carve_val)
     _check_classes(labels, splits, refs.class_names, refs.name)
 
     def subset(split: str) -> ImageSet:
@@ -459,7 +533,22 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
                             torch.empty((0, 3, decode_size, decode_size), dtype=torch.uint8), decode_size=decode_size)
         return StreamedView(ImageSet(label_tensor, refs=[refs.refs[i] for i in rows], decode_size=decode_size), decode_size)
 
-    return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped)
+    test = subset("test") if (splits == "test").any() else None
+    return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped, test)
+
+
+def assign_splits(labels: np.ndarray, given: np.ndarray | None, class_names: list[str], val_fraction: float,
+                  seed: int, name: str, *, carve_val: bool = True) -> np.ndarray:
+    """Every image's split: the source's own, with val carved from train (stratified, seeded) when the
+    source gave none. Test images are never moved: the test split depends on the source alone."""
+    if given is None:
+        return _stratified_split(labels, class_names, val_fraction, seed, name)
+    splits = np.asarray(given, dtype=object).copy()
+    if carve_val:
+        train = np.flatnonzero(splits == "train")
+        if len(train):
+            splits[train] = _stratified_split(labels[train], class_names, val_fraction, seed, name)
+    return splits
 
 
 def _stratified_split(labels: np.ndarray, class_names: list[str], val_fraction: float, seed: int,
@@ -496,6 +585,7 @@ def _check_classes(labels: np.ndarray, splits: np.ndarray, class_names: list[str
                         "add some to the train split")
     if not (splits == "val").any():
         raise UserError(f"dataset {name!r} has no validation images; add a val split or use --val-fraction")
+
 
 
 # --------------------------------------------------------------------------- transforms

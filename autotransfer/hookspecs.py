@@ -36,7 +36,8 @@ def autotransfer_dataset_sources() -> list:
     Each source is an object with ``name: str`` (unique; shown by ``autotransfer plugins``),
     ``can_load(uri: str) -> bool`` (cheap: look at the string or a file header, no decoding) and
     ``load(uri: str) -> autotransfer.data.LabelledRefs``: the images as files, encoded bytes or
-    uint8 arrays, integer labels, class names, and optionally a train/val split per image; or a
+    uint8 arrays, integer labels, class names, and optionally a train/val/test split per image
+    (test: fixed by the source, scored once after the choice, never seen while choosing); or a
     map-style ``torch.utils.data.Dataset`` of ``(image, label)`` pairs, read once into that form.
     A source may also list ``datasets`` (URIs it serves by name, such as ``builtin:digits``).
     The first source whose ``can_load`` accepts ``--dataset`` reads it; plugins are asked before

@@ -1,4 +1,9 @@
-"""The leaderboard: one row per trial, best first, rebuilt from the Optuna storage alone."""
+"""The leaderboard: one row per trial, best first, rebuilt from the Optuna storage alone.
+
+Rows are ranked by `val_accuracy`, the number the search chose with. `test_accuracy` is filled on
+one row only, the chosen trial's, once it has been scored on the test split (holdout.py); it
+never takes part in the ranking.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,14 @@ import optuna
 import pandas as pd
 
 COLUMNS = [
-    "rank", "trial", "state", "val_accuracy", "backbone", "pretrained", "frozen_stages", "num_stages",
+    "rank", "trial", "state", "val_accuracy", "test_accuracy", "backbone", "pretrained", "frozen_stages", "num_stages",
     "head", "head_hidden", "head_dropout", "lr", "optimizer", "epochs", "trainable_params", "total_params",
     "duration_s", "image_size", "cache", "reason",
 ]
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
 
-def _row(trial: optuna.trial.FrozenTrial) -> dict:
+def _row(trial: optuna.trial.FrozenTrial, test: dict | None) -> dict:
     params, attrs = trial.params, trial.user_attrs
     state = trial.state.name
     if state == "COMPLETE":
@@ -35,6 +40,7 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict:
         "trial": trial.number,
         "state": state,
         "val_accuracy": accuracy,
+        "test_accuracy": test["test_accuracy"] if test is not None and test.get("trial") == trial.number else None,
         "backbone": params.get("backbone"),
         "pretrained": attrs.get("pretrained"),
         "frozen_stages": attrs.get("frozen_stages", params.get("frozen_stages")),
@@ -56,7 +62,10 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict:
 
 def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     """Completed trials ranked by validation accuracy, then pruned, running and failed ones."""
-    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    from .holdout import stored_score
+
+    test = stored_score(study)
+    rows = [_row(t, test) for t in study.get_trials(deepcopy=False)]
     frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -103,7 +112,7 @@ def per_backbone(frame: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(frame: pd.DataFrame) -> str:
     shown = frame.copy()
-    formats = {"val_accuracy": "{:.4f}", "best_val_accuracy": "{:.4f}", "lr": "{:.2e}", "head_dropout": "{:.2f}"}
+    formats = {"val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "best_val_accuracy": "{:.4f}", "lr": "{:.2e}", "head_dropout": "{:.2f}"}
     for column, fmt in formats.items():
         if column in shown:
             shown[column] = pd.to_numeric(shown[column], errors="coerce").map(

@@ -63,8 +63,10 @@ class ModelCard:
     decode_size: int
     mean: list[float]
     std: list[float]
-    val_accuracy: float | None = None
+    val_accuracy: float | None = None  # what chose this model among the trials: optimistic
     trial: int | None = None
+    test_accuracy: float | None = None  # on the test split, scored once after the choice; None without one
+    test_images: int | None = None
 
     @property
     def num_classes(self) -> int:

@@ -8,9 +8,10 @@ import gc
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 import torch
@@ -109,20 +110,34 @@ def release_memory(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- best/
 
-def publish_best(study: optuna.Study, model: nn.Module, card: ModelCard, folder: Path) -> bool:
+def publish_best(study: optuna.Study, model: nn.Module, card: ModelCard, folder: Path,
+                 history: Path | None = None) -> bool:
     """Compare with what best/ holds and replace it only when better, under a file lock, so two
     workers finishing together cannot leave the worse model there. Ties go to the lower trial
-    number, as on the leaderboard."""
+    number, as on the leaderboard. With `history`, every model that was best/ is also kept as
+    `history/trial-<n>` (the benchmark scores each later, for its anytime curve)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with best_lock(folder):
         card_file = folder / CONFIG_FILE
         current = json.loads(card_file.read_text()) if card_file.is_file() else None
         if current is not None and not _beats(study, card, current):
             return False
         save_model(model, card, folder)
+        if history is not None:
+            kept = Path(history) / f"trial-{card.trial}"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(folder, kept)
         return True
+
+
+@contextmanager
+def best_lock(folder: Path) -> Iterator[None]:
+    """The file lock every writer of best/ holds: publishing a model, adding its test score."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _beats(study: optuna.Study, card: ModelCard, current: dict[str, Any]) -> bool:

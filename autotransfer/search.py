@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import optuna
 import torch
 
 from . import leaderboard
 from .backbones import BackboneInfo, WeightsRequest, provider_for
 from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
-from .data import PreparedData, load_dataset, native_size, prepare
+from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
 from .fastpath import CachePolicy, FitSettings, TrialCaches, default_cache_memory
@@ -42,6 +43,8 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 ELAPSED_ATTR = "autotransfer_elapsed_s"
 PRERANK_ATTR = "autotransfer_prerank"
 RUN_FILE = "run.json"
+BEST_DIR = "best"
+BEST_HISTORY_DIR = "best-history"
 
 
 @dataclass
@@ -56,6 +59,7 @@ class RunOptions:
     plugins: tuple[str, ...] = ()
     memory_budget: int | None = None
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a worker silent for 3x this long is dead; its trial is retried
+    best_history: bool = False  # keep every model that was best/ under <out>/best-history (the benchmark)
 
 
 # --------------------------------------------------------------------------- naming and storage
@@ -199,6 +203,7 @@ class Search:
     device: torch.device = field(init=False)
     infos: dict[str, BackboneInfo] = field(init=False, default_factory=dict)
     data: PreparedData | None = field(init=False, default=None)
+    test_refs: tuple[list[ImageRef], np.ndarray | None] = field(init=False, default=((), None))  # undecoded test split
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.options.device)
@@ -216,8 +221,10 @@ class Search:
         for name, path in self.config.weights.items():
             if path != RANDOM_WEIGHTS:
                 _check_checkpoint_architecture(name, path)
-        refs = load_dataset(self.registries.dataset_source(self.config.dataset), self.config.dataset)
-        self.native_size = native_size(refs.refs)
+        refs = load_source(self.config, self.registries)
+        self.test_refs = refs.split_refs("test")
+        self.native_size = native_size([r for i, r in enumerate(refs.refs)  # test images choose nothing, not even this
+                                        if refs.splits is None or refs.splits[i] != "test"])
         decode_size = max(self.inputs_for(name).resize_size for name in self.infos)
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
@@ -372,7 +379,8 @@ class Search:
                     head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                     image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                     mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, trial=trial.number)
-                publish_best(study, model, card, self.out / "best")
+                publish_best(study, model, card, self.out / BEST_DIR,
+                             self.out / BEST_HISTORY_DIR if self.options.best_history else None)
             state = "COMPLETE"
             return value
         except optuna.TrialPruned as exc:
@@ -402,13 +410,26 @@ class Search:
                 gc.collect()
                 torch.cuda.empty_cache()
 
+    def score_test(self, study: optuna.Study) -> dict | None:
+        """The best/ model on the test split, once the study is finished (see holdout.py); None when
+        the dataset has no test split, nothing was saved or other workers are still running."""
+        from .holdout import score_best, study_finished
+
+        refs, labels = self.test_refs
+        if not len(refs) or not study_finished(study):
+            return None
+        test = self.data.test if self.data is not None else None
+        return score_best(study, self.out / BEST_DIR, self.registries, self.device, images=test, refs=refs,
+                          labels=labels)
+
     def finish(self, study: optuna.Study) -> None:
+        self.score_test(study)
         frame = leaderboard.leaderboard_frame(study)
         leaderboard.write(frame, self.out)
         stored = study.user_attrs.get(PRERANK_ATTR)
         if stored is not None:
             write_scorer_tau(stored, frame, self.out)
-        best_card = self.out / "best" / "model.json"
+        best_card = self.out / BEST_DIR / "model.json"
         if best_card.exists():
             saved = json.loads(best_card.read_text()).get("trial")
             complete = frame[frame["state"] == "COMPLETE"]
@@ -416,6 +437,12 @@ class Search:
             if best_number is not None and saved != best_number:
                 log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
                             saved, best_number)
+
+
+def load_source(config: SearchConfig, registries) -> LabelledRefs:
+    """The dataset as its source gives it, with --val-as-test applied: the splits every command sees."""
+    refs = load_dataset(registries.dataset_source(config.dataset), config.dataset)
+    return refs.with_val_as_test() if config.val_as_test else refs
 
 
 def write_scorer_tau(stored: dict, frame, out: Path) -> None:

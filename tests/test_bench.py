@@ -66,9 +66,12 @@ def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
     for row in stored:  # the anytime curve rises, ends at the best accuracy and stays within the run
         curve = json.loads(row["curve"])
         assert curve, row["method"]
-        assert [a for _, a in curve] == sorted(set(a for _, a in curve))
+        assert [a for _, a, _ in curve] == sorted(set(a for _, a, _ in curve))
         assert curve[-1][1] == pytest.approx(float(row["best_val_accuracy"]), abs=1e-6)
-        assert all(0.0 <= t <= float(row["wall_s"]) + 1e-3 for t, _ in curve)
+        assert all(0.0 <= t <= float(row["wall_s"]) + 1e-3 for t, _, _ in curve)
+        # builtin:digits has a fixed test split: the chosen model's test score ends the curve
+        assert int(row["test_images"]) == 360 and 0.0 <= float(row["test_accuracy"]) <= 1.0
+        assert curve[-1][2] == pytest.approx(float(row["test_accuracy"]), abs=1e-6)
 
     out = tmp_path / "report" / "report.html"
     assert bench("report", "--results", smoke_store, "--out", out) == 0
@@ -133,7 +136,8 @@ def write_rows(results: Path, table: list[tuple[str, str, float, float]]) -> Non
     for night, method, accuracy, wall in table:
         for seed in (0, 1):
             store.append({"night": night, "run_id": f"{night}_fixed", "suite": "fixed", "dataset": "builtin:digits",
-                          "method": method, "seed": seed, "best_val_accuracy": accuracy, "time_to_best_s": wall / 2,
+                          "method": method, "seed": seed, "best_val_accuracy": accuracy, "test_accuracy": accuracy,
+                          "test_images": 100, "time_to_best_s": wall / 2,
                           "wall_s": wall, "error": ""})
 
 
@@ -145,7 +149,7 @@ def test_slowdown_and_accuracy_thresholds_on_fixed_numbers(tmp_path):
     flagged = [line for line in leaderboard_lines(out.with_suffix(".md").read_text()) if "REGRESSION" in line]
     assert len(flagged) == 2
     assert any(" fast " in line and "wall time +40%" in line for line in flagged)
-    assert any(" worse " in line and "accuracy -3.00 pts" in line for line in flagged)
+    assert any(" worse " in line and "accuracy -3.00 pts on test" in line for line in flagged)
 
 
 def write_suite(tmp_path: Path, text: str) -> Path:

@@ -202,10 +202,10 @@ def test_csv_source_empty_file_names_both_columns(tmp_path):
 
 def test_csv_source_bad_split_values(tmp_path):
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label,split\na.png,x,train\nb.png,y,test\nc.png,y,holdout\nd.png,x,val\n")
-    with pytest.raises(UserError, match="unknown split value\\(s\\) 'holdout', 'test'") as info:
+    manifest.write_text("path,label,split\na.png,x,train\nb.png,y,test\nc.png,y,holdout\nd.png,x,eval\n")
+    with pytest.raises(UserError, match="unknown split value\\(s\\) 'eval', 'holdout'") as info:
         CsvSource().load(str(manifest))
-    assert "train or val" in str(info.value)
+    assert "train, val or test" in str(info.value)
 
 
 def test_csv_source_header_only(tmp_path):
@@ -229,9 +229,10 @@ def test_builtin_digits():
 
     prepared = prepare(refs, 8, val_fraction=0.2, seed=0)
     assert prepared.num_classes == 10
-    assert len(prepared.train) + len(prepared.val) == 1797
-    assert len(prepared.val) == 360  # ceil(0.2 * 1797)
-    assert prepared.train.images.shape == (1437, 3, 8, 8) and prepared.train.images.dtype == torch.uint8
+    assert len(prepared.train) + len(prepared.val) + len(prepared.test) == 1797
+    assert len(prepared.test) == 360  # the fixed carve: 20% of 1797, stratified
+    assert len(prepared.val) == 288  # ceil(0.2 * 1437), carved from the rest by --seed
+    assert prepared.train.images.shape == (1149, 3, 8, 8) and prepared.train.images.dtype == torch.uint8
     # Greyscale: the three channels are identical.
     assert torch.equal(prepared.train.images[:, 0], prepared.train.images[:, 2])
     assert prepared.skipped == []

@@ -80,6 +80,10 @@ def check_study(storage: str, study_name: str, out: Path, trials: int) -> list[o
         card = json.loads((out / "best" / "model.json").read_text())
         assert card["trial"] == complete.iloc[0]["trial"]
         assert card["val_accuracy"] == pytest.approx(load(storage, study_name).best_value)
+        # builtin:digits has a test split: whoever finished the study scored best/ on it, once, for all
+        scored = load(storage, study_name).user_attrs["autotransfer_test"]
+        assert scored["trial"] == card["trial"] and scored["test_accuracy"] == pytest.approx(card["test_accuracy"])
+        assert complete.iloc[0]["test_accuracy"] == pytest.approx(card["test_accuracy"])
     assert not any((out / "checkpoints").glob("trial-*")) if (out / "checkpoints").exists() else True
     return all_trials
 

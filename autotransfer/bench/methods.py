@@ -1,5 +1,11 @@
 """The benchmarked methods. Every one goes through the same data pipeline (`Search.prepare`) with
-the same seed and validation fraction, so all of them are scored on the identical validation split."""
+the same seed and validation fraction, so all of them see the identical train/val split.
+
+Each method chooses with its own rule on train and val only (a search: its best trial by val;
+the probe: C by CV on train, the backbone by val; the seed recipe: its one trial). Only then is
+the chosen model scored on the test split, outside the method's timed run: the store's
+`test_accuracy` is a number no choice saw, and `best_val_accuracy` the one each chose on.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +39,10 @@ class MethodResult:
     trials_pruned: int = 0
     trials_failed: int = 0
     best_config: dict[str, Any] = field(default_factory=dict)
-    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds in, best accuracy so far) at each gain
+    # (seconds in, val accuracy, test accuracy) each time the best-by-val choice changed; test None without a split
+    curve: list[tuple[float, float, float | None]] = field(default_factory=list)
+    test_accuracy: float | None = None  # the chosen model's, on the test split
+    test_images: int | None = None
 
 
 @dataclass
@@ -49,6 +58,7 @@ class MethodRun:
     image_size: int | None = None
     pretrained: bool = True
     val_fraction: float = 0.2
+    val_as_test: bool = False
     plugins: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = True
@@ -57,7 +67,8 @@ class MethodRun:
     def config(self, **overrides: Any) -> SearchConfig:
         base = dict(dataset=self.dataset, backbones=list(self.backbones), pretrained=self.pretrained,
                     weights=dict(self.weights), epochs=self.budget.epochs, image_size=self.image_size,
-                    val_fraction=self.val_fraction, seed=self.seed, trials=self.budget.trials,
+                    val_fraction=self.val_fraction, val_as_test=self.val_as_test, seed=self.seed,
+                    trials=self.budget.trials,
                     timeout=self.budget.timeout_s)
         base.update(overrides)
         base["weights"] = {k: v for k, v in base["weights"].items() if k in base["backbones"]}
@@ -65,7 +76,7 @@ class MethodRun:
 
     def run_options(self) -> RunOptions:
         return RunOptions(out=self.work, storage=default_storage(self.work), study_name=STUDY, device=self.device,
-                          quiet=self.quiet, plugins=self.plugins)
+                          quiet=self.quiet, plugins=self.plugins, best_history=True)
 
 
 class RandomSearch(Search):
@@ -83,7 +94,8 @@ class RandomSearch(Search):
 def _run_search(run: MethodRun, search: Search) -> MethodResult:
     started, clock = datetime.now(), time.perf_counter()  # optuna stamps trials with naive local time
     study = search.run()
-    return _study_result(study, started, time.perf_counter() - clock)
+    result = _study_result(study, started, time.perf_counter() - clock)
+    return _scored_on_test(result, study, search)  # after the clock: scoring is no part of the method
 
 
 def _study_result(study: optuna.Study, started: datetime, wall: float) -> MethodResult:
@@ -98,16 +110,39 @@ def _study_result(study: optuna.Study, started: datetime, wall: float) -> Method
         time_to_best_s=None if best is None else max(0.0, (best.datetime_complete - started).total_seconds()),
         wall_s=wall, trials_complete=count[states.COMPLETE], trials_pruned=count[states.PRUNED],
         trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best),
-        curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value))
+        curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value), t.number)
                            for t in finished]))
 
 
-def best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The anytime curve: keep a (time, accuracy) point only where it beats every earlier one."""
-    curve: list[tuple[float, float]] = []
-    for seconds, accuracy in sorted(points):
-        if not curve or accuracy > curve[-1][1]:
-            curve.append((round(seconds, 3), accuracy))
+def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -> MethodResult:
+    """The search's own test score of its choice (stored in the study when it finished), and the test
+    accuracy of every model that was best-by-val on the way, kept in best-history/ as they were saved."""
+    from ..holdout import stored_score
+    from ..predict import score_model
+    from ..search import BEST_HISTORY_DIR
+
+    test = search.data.test if search.data is not None else None
+    if test is None:
+        result.curve = [(t, v, None) for t, v, _ in result.curve]
+        return result
+    stored = stored_score(study) or {}
+    result.test_accuracy, result.test_images = stored.get("test_accuracy"), stored.get("test_images")
+    curve = []
+    for seconds, val, number in result.curve:
+        kept = search.out / BEST_HISTORY_DIR / f"trial-{number}"
+        score = score_model(kept, search.registries, search.device, images=test) if kept.is_dir() else None
+        curve.append((seconds, val, None if score is None else score.accuracy))
+    result.curve = curve
+    return result
+
+
+def best_so_far(points: list[tuple]) -> list[tuple]:
+    """The anytime curve: keep a (time, accuracy, ...) point only where its accuracy beats every earlier one;
+    anything after the accuracy (the trial, its test score) rides along."""
+    curve: list[tuple] = []
+    for point in sorted(points, key=lambda p: (p[0], p[1])):
+        if not curve or point[1] > curve[-1][1]:
+            curve.append((round(point[0], 3), *point[1:]))
     return curve
 
 
@@ -148,19 +183,21 @@ def seed_recipe(run: MethodRun) -> MethodResult:
 # --------------------------------------------------------------------------- linear probe
 
 def linear_probe(run: MethodRun) -> MethodResult:
-    """Frozen pooled features + logistic regression per backbone; the best backbone counts."""
+    """Frozen pooled features + logistic regression per backbone; the best backbone by val counts.
+    Each backbone's probe is scored on the test split as it is fitted, off the method's clock."""
     from ..backbones import provider_for
     from ..features import FeatureCache, extract
     from ..search import weights_request
 
     clock = time.perf_counter()
+    off_clock = 0.0  # seconds spent scoring on test, not charged to the method
     search = Search(run.config(trials=1, timeout=None), RunOptions(out=run.work, storage="", study_name="",
                                                                     device=run.device, quiet=True, plugins=run.plugins))
     search.prepare()
     cache = FeatureCache(run.work / "features")
     cs = [float(c) for c in run.options.get("C", PROBE_CS)]
-    best: tuple[float, float, dict] | None = None
-    points: list[tuple[float, float]] = []
+    best: tuple[float, float, dict, float | None] | None = None
+    points: list[tuple[float, float, float | None]] = []
     complete = failed = 0
     for name in search.config.backbones:
         try:
@@ -169,27 +206,37 @@ def linear_probe(run: MethodRun) -> MethodResult:
             size = inputs.resize_size
             train = extract(backbone.module, None, search.data.train.at_size(size), inputs, search.device, cache)
             val = extract(backbone.module, None, search.data.val.at_size(size), inputs, search.device, cache)
-            accuracy, c = probe_accuracy(train.features, train.labels, val.features, val.labels, cs, run.seed)
+            accuracy, c, model = probe_accuracy(train.features, train.labels, val.features, val.labels, cs, run.seed)
+            seconds = time.perf_counter() - clock - off_clock
+            scoring = time.perf_counter()
+            test_accuracy = None
+            if search.data.test is not None:
+                test = extract(backbone.module, None, search.data.test.at_size(size), inputs, search.device, cache)
+                test_accuracy = float((model.predict(test.features) == test.labels).mean())
+            off_clock += time.perf_counter() - scoring
         except UserError:
             raise
         except Exception:
             failed += 1
             continue
         complete += 1
-        points.append((time.perf_counter() - clock, accuracy))
+        points.append((seconds, accuracy, test_accuracy))
         if best is None or accuracy > best[0]:
-            best = (accuracy, time.perf_counter() - clock,
+            best = (accuracy, seconds,
                     {"backbone": name, "C": c, "image_size": inputs.image_size,
-                     "pretrained": backbone.source if backbone.source == "random init" else "pretrained"})
+                     "pretrained": backbone.source if backbone.source == "random init" else "pretrained"},
+                    test_accuracy)
     if best is None:
         raise RuntimeError(f"the linear probe failed on every backbone ({failed})")
-    return MethodResult(best[0], best[1], time.perf_counter() - clock, complete, 0, failed, best[2],
-                        best_so_far(points))
+    test_images = None if search.data.test is None else len(search.data.test)
+    return MethodResult(best[0], best[1], time.perf_counter() - clock - off_clock, complete, 0, failed, best[2],
+                        best_so_far(points), test_accuracy=best[3], test_images=test_images)
 
 
 def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                   cs: list[float], seed: int) -> tuple[float, float]:
-    """Validation accuracy of a logistic regression whose C was chosen by CV on the training split only."""
+                   cs: list[float], seed: int) -> tuple[float, float, Any]:
+    """Validation accuracy of a logistic regression whose C was chosen by CV on the training split only,
+    that C, and the fitted model (to score it on test afterwards)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -209,7 +256,7 @@ def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
         else:
             c = cs[len(cs) // 2]
             model.set_params(logisticregression__C=c).fit(x_train, y_train)
-    return float((model.predict(x_val) == y_val).mean()), c
+    return float((model.predict(x_val) == y_val).mean()), c, model
 
 
 METHOD_FUNCTIONS: dict[str, Callable[[MethodRun], MethodResult]] = {

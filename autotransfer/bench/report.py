@@ -2,6 +2,11 @@
 
 One HTML page with every plot embedded (base64 PNG, so it can be mailed or archived as one file)
 and a Markdown twin that references the same plots as PNG files beside it.
+
+Every method chose its model on validation accuracy, so that number is optimistic; the report ranks,
+plots and flags on test accuracy (the chosen model scored on a split no selection saw) and shows
+val beside it. A test number is never stood in for by a val number: where a section has no test
+numbers at all (stores from before the test split) its plots say "(val)".
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import pandas as pd
 from ..errors import UserError
 from .store import COLUMNS
 
-NUMERIC = ("seed", "best_val_accuracy", "time_to_best_s", "wall_s", "trials_complete", "trials_pruned", "trials_failed")
+NUMERIC = ("seed", "best_val_accuracy", "test_accuracy", "test_images", "time_to_best_s", "wall_s", "trials_complete",
+           "trials_pruned", "trials_failed")
+NOTE = ("Ranked by mean test accuracy: the model each method chose on validation, scored on a test split no "
+        "selection saw. Val is the number each method selected on, so it is optimistic.")
 
 
 @dataclass
@@ -41,7 +49,8 @@ class Section:
     dataset: str
     night: str
     leaderboard: pd.DataFrame
-    history: pd.DataFrame
+    history: pd.DataFrame  # night x method: mean test accuracy %, NaN where a night has no test numbers
+    val_history: pd.DataFrame  # night x method: mean val accuracy %
     flags: list[str]
     plots: dict[str, bytes] = field(default_factory=dict)  # caption -> PNG
     label: str = ""  # the short name headings and plot files use; the dataset as written when empty
@@ -72,12 +81,12 @@ def _pyplot():
 def load_results(results: Path, suite: str | None) -> pd.DataFrame:
     """Every store in `results` (other CSVs there, e.g. other benchmarks' outputs, are ignored)."""
     paths = [results / f"{suite}.csv"] if suite else sorted(results.glob("*.csv"))
-    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in paths if p.is_file() and _is_store(p)]
+    frames = [pd.read_csv(p, dtype=str, keep_default_na=False).reindex(columns=COLUMNS, fill_value="")
+              for p in paths if p.is_file() and _is_store(p)]  # older stores: the columns they lack are empty
     if not frames:
         what = f"no store {results / f'{suite}.csv'}" if suite else f"no benchmark store (*.csv with a run_id column) in {results}"
         raise UserError(f"{what}; run `autotransfer bench run SUITE --results {results}` first")
     frame = pd.concat(frames, ignore_index=True)
-    frame["curve"] = frame["curve"].fillna("") if "curve" in frame else ""  # stores from before curves
     for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
@@ -90,12 +99,15 @@ def _is_store(path: Path) -> bool:
 
 
 def method_means(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per method: accuracy (in %) mean and std over seeds, mean times; rows with an error excluded."""
+    """Per method: test and val accuracy (in %) mean and std over seeds, mean times; rows with an error
+    excluded; test_mean is NaN for a method without test numbers."""
     ok = rows[(rows["error"] == "") & rows["best_val_accuracy"].notna()]
     grouped = ok.groupby("method")
     frame = pd.DataFrame({
-        "acc_mean": grouped["best_val_accuracy"].mean() * 100,
-        "acc_std": grouped["best_val_accuracy"].std(ddof=0) * 100,
+        "test_mean": grouped["test_accuracy"].mean() * 100,
+        "test_std": grouped["test_accuracy"].std(ddof=0) * 100,
+        "val_mean": grouped["best_val_accuracy"].mean() * 100,
+        "val_std": grouped["best_val_accuracy"].std(ddof=0) * 100,
         "seeds": grouped["seed"].nunique(),
         "time_to_best_s": grouped["time_to_best_s"].mean(),
         "wall_s": grouped["wall_s"].mean(),
@@ -108,19 +120,25 @@ def method_means(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def regressions(latest: pd.DataFrame, previous: pd.DataFrame | None, threshold: float, slowdown: float) -> dict[str, str]:
-    """method -> why it regressed against the previous night (accuracy in points, wall time as a fraction)."""
+    """method -> why it regressed: test accuracy (points) against `previous.test_mean`, success and wall time
+    (a fraction) against `previous.val_mean` and `previous.wall_s` (see `_previous_means`). Val accuracy
+    never flags: a method may trade val for test."""
     if previous is None:
         return {}
     found = {}
     for method, now in latest.iterrows():
-        if method not in previous.index or pd.isna(previous.loc[method, "acc_mean"]):
+        if method not in previous.index:
             continue
         before = previous.loc[method]
         reasons = []
-        if pd.isna(now["acc_mean"]):
-            reasons.append("no successful run")
-        elif before["acc_mean"] - now["acc_mean"] > threshold:
-            reasons.append(f"accuracy {now['acc_mean'] - before['acc_mean']:+.2f} pts")
+        if pd.isna(now["val_mean"]):
+            if pd.notna(before["val_mean"]):
+                reasons.append("no successful run")
+        elif pd.notna(before["test_mean"]):
+            if pd.isna(now["test_mean"]):
+                reasons.append("no test accuracy")
+            elif before["test_mean"] - now["test_mean"] > threshold:
+                reasons.append(f"accuracy {now['test_mean'] - before['test_mean']:+.2f} pts on test")
         if before["wall_s"] > 0 and now["wall_s"] > before["wall_s"] * (1 + slowdown):
             reasons.append(f"wall time {now['wall_s'] / before['wall_s'] - 1:+.0%}")
         if reasons:
@@ -137,32 +155,45 @@ def build_section(rows: pd.DataFrame, suite: str, dataset: str, threshold: float
         previous = _previous_means(rows, nights[:-1], list(latest.index))
     flags = regressions(latest, previous, threshold, slowdown)
     board = leaderboard_table(latest, flags)
-    history = rows[(rows["error"] == "")].groupby(["night", "method"])["best_val_accuracy"].mean().mul(100)
-    history = history.unstack("method").sort_index()
-    section = Section(suite, dataset, latest_night, board, history,
+    history, val_history = night_means(rows, "test_accuracy"), night_means(rows, "best_val_accuracy")
+    section = Section(suite, dataset, latest_night, board, history, val_history,
                       [f"{suite} / {dataset} / {m}: {why}" for m, why in flags.items()])
     plt = _pyplot()
     section.plots["accuracy vs wall time"] = anytime_plot(plt, rows[rows["night"] == latest_night], dataset_label(dataset))
-    section.plots["history"] = history_plot(plt, history, dataset_label(dataset))
+    section.plots["history"] = history_plot(plt, history, val_history, dataset_label(dataset))
     return section
 
 
+def night_means(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """night x method: the mean of `column` in %, over the rows without an error; NaN where there is none."""
+    ok = rows[rows["error"] == ""]
+    return ok.groupby(["night", "method"])[column].mean().mul(100).unstack("method").sort_index()
+
+
 def _previous_means(rows: pd.DataFrame, earlier: list[str], methods: list[str]) -> pd.DataFrame:
-    """For each method, its means on the most recent earlier night it ran."""
-    parts = []
+    """For each method that ran before: val_mean and wall_s of the most recent earlier night it ran, and
+    test_mean of the most recent earlier night it has test numbers (NaN when no earlier night has)."""
+    found = {}
     for method in methods:
         mine = rows[(rows["method"] == method) & rows["night"].isin(earlier)]
-        if len(mine):
-            parts.append(method_means(mine[mine["night"] == mine["night"].max()]))
-    return pd.concat(parts) if parts else pd.DataFrame(columns=["acc_mean", "wall_s"])
+        if not len(mine):
+            continue
+        means = {night: method_means(group).loc[method] for night, group in mine.groupby("night")}
+        last = means[max(means)]
+        tested = [means[night]["test_mean"] for night in sorted(means) if pd.notna(means[night]["test_mean"])]
+        found[method] = {"test_mean": tested[-1] if tested else math.nan, "val_mean": last["val_mean"],
+                         "wall_s": last["wall_s"]}
+    return pd.DataFrame.from_dict(found, orient="index", columns=["test_mean", "val_mean", "wall_s"], dtype=float)
 
 
 def leaderboard_table(means: pd.DataFrame, flags: dict[str, str]) -> pd.DataFrame:
-    ordered = means.sort_values("acc_mean", ascending=False, na_position="last")
+    """Methods by mean test accuracy (none last), then by mean val accuracy."""
+    ordered = means.sort_values(["test_mean", "val_mean"], ascending=False, na_position="last")
     return pd.DataFrame({
         "rank": range(1, len(ordered) + 1),
         "method": ordered.index,
-        "val acc % (mean ± std)": [_pm(m, s) for m, s in zip(ordered["acc_mean"], ordered["acc_std"])],
+        "test acc % (mean ± std)": [_pm(m, s) for m, s in zip(ordered["test_mean"], ordered["test_std"])],
+        "val acc % (mean ± std)": [_pm(m, s) for m, s in zip(ordered["val_mean"], ordered["val_std"])],
         "seeds": ordered["seeds"].fillna(0).astype(int).to_numpy(),
         "time to best s": [_num(v) for v in ordered["time_to_best_s"]],
         "wall s": [_num(v) for v in ordered["wall_s"]],
@@ -182,47 +213,82 @@ def _num(value: float) -> str:
 
 
 def anytime_plot(plt, rows: pd.DataFrame, dataset: str) -> bytes:
-    """Best accuracy so far against elapsed time, one step line per (method, seed), ending at the
-    run's wall time; rows recorded before curves were stored show as their final point."""
+    """Test accuracy of the best-by-val model so far against elapsed time, one step line per (method,
+    seed), ending at the run's wall time (see `anytime_lines`); up and left is better."""
+    metric, lines = anytime_lines(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (method, group) in enumerate(rows[rows["error"] == ""].groupby("method")):
-        colour = colours[i % len(colours)]
-        for j, (_, row) in enumerate(group.iterrows()):
-            label = method if j == 0 else None
-            points = run_curve(row)
-            if len(points) > 1:
-                ax.plot(*zip(*points), drawstyle="steps-post", color=colour, alpha=0.8, label=label)
-                ax.scatter(*points[-1], color=colour, s=16)
-            else:
-                ax.scatter(row["wall_s"], row["best_val_accuracy"] * 100, color=colour, s=36, alpha=0.8, label=label)
+    methods = list(dict.fromkeys(method for method, _ in lines))
+    labelled: set[str] = set()
+    for method, points in lines:
+        colour = colours[methods.index(method) % len(colours)]
+        label = None if method in labelled else method
+        labelled.add(method)
+        if len(points) > 1:
+            ax.plot(*zip(*points), drawstyle="steps-post", color=colour, alpha=0.8, label=label)
+            ax.scatter(*points[-1], color=colour, s=16)
+        else:
+            ax.scatter(*points[0], color=colour, s=36, alpha=0.8, label=label)
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("best val accuracy (%)")
-    ax.set_title(f"{dataset}: accuracy vs wall time", fontsize=10)
+    if metric == "test":
+        ax.set_ylabel("test acc. of best-by-val model so far (%)")
+        ax.set_title(f"{dataset}: test accuracy vs wall time", fontsize=10)
+    else:
+        ax.set_ylabel("best val accuracy so far (%) (val)")
+        ax.set_title(f"{dataset}: accuracy vs wall time (val)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if lines:
+        ax.legend(fontsize=8)
     return _png(plt, fig)
 
 
-def run_curve(row: pd.Series) -> list[tuple[float, float]]:
-    """(seconds, accuracy %) steps of one row, closed at its wall time; empty without a stored curve."""
-    if not row.get("curve"):
-        return []
-    points = [(float(t), float(a) * 100) for t, a in json.loads(row["curve"])]
-    if points and row["wall_s"] > points[-1][0]:
-        points.append((float(row["wall_s"]), points[-1][1]))
+def anytime_lines(rows: pd.DataFrame) -> tuple[str, list[tuple[str, list[tuple[float, float]]]]]:
+    """("test" or "val", [(method, points)]) for the rows without an error, by method. Test when any row
+    has a test number; then a row without one is left out, never drawn with its val numbers. Val only
+    when no row has a test number (stores from before the test split)."""
+    ok = rows[rows["error"] == ""].sort_values(["method", "seed"], kind="stable")
+    for metric in ("test", "val"):
+        lines = [(row["method"], points) for _, row in ok.iterrows() if (points := run_curve(row, metric))]
+        if lines:
+            return metric, lines
+    return "test", []
+
+
+def run_curve(row: pd.Series, metric: str = "test") -> list[tuple[float, float]]:
+    """(seconds, accuracy %) steps of one row, closed at its wall time. `metric` "test": the test accuracy
+    of the best-by-val model so far (third element of each curve point; points without one, and
+    two-element points from before the test split, are skipped); "val": the best val accuracy so far.
+    A row without a stored curve is its final number at its wall time; empty when it has none."""
+    index, column = {"val": (1, "best_val_accuracy"), "test": (2, "test_accuracy")}[metric]
+    stored = json.loads(row["curve"]) if row.get("curve") else []
+    points = [(float(p[0]), float(p[index]) * 100) for p in stored if len(p) > index and p[index] is not None]
+    wall = row.get("wall_s")
+    if not points:
+        final = row.get(column)
+        return [] if _missing(final) or _missing(wall) else [(float(wall), float(final) * 100)]
+    if not _missing(wall) and wall > points[-1][0]:
+        points.append((float(wall), points[-1][1]))
     return points
 
 
-def history_plot(plt, history: pd.DataFrame, dataset: str) -> bytes:
+def _missing(value) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def history_plot(plt, history: pd.DataFrame, val_history: pd.DataFrame, dataset: str) -> bytes:
+    """Mean test accuracy per night per method; mean val accuracy, marked "(val)", when no night has a
+    test number (stores from before the test split)."""
+    tested = history.notna().any().any()
+    shown = history if tested else val_history
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in history.columns:
-        ax.plot(history.index, history[method], marker="o", label=method)
+    for method in shown.columns:
+        ax.plot(shown.index, shown[method], marker="o", label=method)
     ax.set_xlabel("night")
-    ax.set_ylabel("mean best val accuracy (%)")
-    ax.set_title(f"{dataset}: history", fontsize=10)
+    ax.set_ylabel("mean test accuracy (%)" if tested else "mean best val accuracy (%) (val)")
+    ax.set_title(f"{dataset}: history" + ("" if tested else " (val)"), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(shown.columns):
+        ax.legend(fontsize=8)
     fig.autofmt_xdate()
     return _png(plt, fig)
 
@@ -266,8 +332,18 @@ def _plot_file(out: Path, section: Section, caption: str) -> Path:
 
 
 def _criteria(request: ReportRequest) -> str:
-    return (f"REGRESSION: mean accuracy down more than {request.threshold:g} points, or mean wall time up more than "
-            f"{request.slowdown:.0%}, against the method's previous night")
+    return (f"REGRESSION: mean test accuracy down more than {request.threshold:g} points against the method's last "
+            f"earlier night with test numbers, or mean wall time up more than {request.slowdown:.0%} against the last "
+            "earlier night it ran (val accuracy never flags)")
+
+
+HISTORIES = (("History: mean test accuracy (%) per night", "history"),
+             ("History: mean val accuracy (%) per night (selected on, optimistic)", "val_history"))
+
+
+def _cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numbers to two decimals, empty where there is none (a night without test numbers)."""
+    return frame.apply(lambda column: column.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"))
 
 
 def render_markdown(built: list[Section], flags: list[str], request: ReportRequest, out: Path) -> str:
@@ -275,14 +351,15 @@ def render_markdown(built: list[Section], flags: list[str], request: ReportReque
     lines += ["**Regressions:**", *[f"- REGRESSION {f}" for f in flags], ""] if flags else ["No regressions.", ""]
     for section in built:
         lines += [f"## {section.suite} / {section.name}", "",
-                  f"Dataset `{section.dataset}`, latest night: {section.night}", "",
+                  f"Dataset `{section.dataset}`, latest night: {section.night}", "", NOTE, "",
                   section.leaderboard.to_markdown(index=False), ""]
         for caption, png in section.plots.items():
             path = _plot_file(out, section, caption)
             path.write_bytes(png)
             lines += [f"![{caption}]({path.name})", ""]
-        lines += ["### History: mean best val accuracy (%) per night", "",
-                  section.history.round(2).to_markdown(), ""]
+        for title, attribute in HISTORIES:
+            lines += [f"### {title}", "", _cells(getattr(section, attribute)).to_markdown(disable_numparse=True,
+                                                                                       stralign="right"), ""]
     return "\n".join(lines)
 
 
@@ -302,12 +379,14 @@ def render_html(built: list[Section], flags: list[str], request: ReportRequest) 
     for section in built:
         parts += [f"<h2>{html.escape(section.suite)} / {html.escape(section.name)}</h2>",
                   f"<p>Dataset <code>{html.escape(section.dataset)}</code>, latest night: {html.escape(section.night)}</p>",
+                  f"<p>{html.escape(NOTE)}</p>",
                   section.leaderboard.to_html(index=False, classes="leaderboard", border=0)]
         for caption, png in section.plots.items():
             data = base64.b64encode(png).decode("ascii")
             parts.append(f"<img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">")
-        parts += ["<h3>History: mean best val accuracy (%) per night</h3>",
-                  section.history.round(2).to_html(classes="history", border=0, na_rep="")]
+        for title, attribute in HISTORIES:
+            parts += [f"<h3>{html.escape(title)}</h3>",
+                      _cells(getattr(section, attribute)).to_html(classes="history", border=0)]
     parts.append("</body></html>")
     page = "\n".join(parts)
     return page.replace("<td>REGRESSION", "<td class=\"regression\">REGRESSION")

@@ -107,7 +107,7 @@ def run_cell(suite: Suite, written: str, dataset: str, method: str, seed: int, w
     work.mkdir(parents=True)
     run = MethodRun(dataset=dataset, backbones=suite.backbones, weights=suite.weights, budget=suite.budget,
                     seed=seed, work=work, image_size=suite.image_size_for(written), pretrained=suite.pretrained,
-                    val_fraction=suite.val_fraction, plugins=suite.plugins, options=suite.options(method),
+                    val_fraction=suite.val_fraction, val_as_test=written in suite.val_as_test, plugins=suite.plugins, options=suite.options(method),
                     quiet=True, device=request.device)
     clock = time.perf_counter()
     label = f"{Path(dataset).name} {method} seed {seed}"
@@ -121,16 +121,19 @@ def run_cell(suite: Suite, written: str, dataset: str, method: str, seed: int, w
         (work / "error.txt").write_text(traceback.format_exc())
         return {"wall_s": round(time.perf_counter() - clock, 3), "error": message}
     accuracy = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
-    say(request, f"{label}: val_acc {accuracy}, {result.wall_s:.1f}s")
+    test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    say(request, f"{label}: test_acc {test} (chosen by val_acc {accuracy}), {result.wall_s:.1f}s")
     return result_row(result)
 
 
 def result_row(result: MethodResult) -> dict:
-    return {"best_val_accuracy": result.best_val_accuracy, "time_to_best_s": _round(result.time_to_best_s),
+    return {"best_val_accuracy": result.best_val_accuracy, "test_accuracy": result.test_accuracy,
+            "test_images": result.test_images, "time_to_best_s": _round(result.time_to_best_s),
             "wall_s": _round(result.wall_s), "trials_complete": result.trials_complete,
             "trials_pruned": result.trials_pruned, "trials_failed": result.trials_failed,
             "best_config": json.dumps(result.best_config, sort_keys=True, default=str), "error": "",
-            "curve": json.dumps([[round(t, 3), round(a, 6)] for t, a in result.curve])}
+            "curve": json.dumps([[round(t, 3), round(v, 6), None if a is None else round(a, 6)]
+                                 for t, v, a in result.curve])}
 
 
 def _round(value: float | None) -> float | None:

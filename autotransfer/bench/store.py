@@ -1,7 +1,9 @@
 """The results store: one append-only CSV per suite, one row per (night, dataset, method, seed).
 
 Rows are appended and flushed one at a time, so a run killed mid-way keeps everything it
-finished, and a rerun with the same run id picks up where it stopped.
+finished, and a rerun with the same run id picks up where it stopped. After any append the file's
+header is exactly COLUMNS: an older store whose columns are all known (in any order) is rewritten
+once, atomically, with the missing columns empty and every row kept; unknown columns are an error.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from ..errors import UserError
 
 COLUMNS = [
     "night", "run_id", "git_commit", "torch", "timm", "optuna", "cpu", "gpu", "suite", "dataset", "method", "seed",
-    "budget_trials", "budget_timeout_s", "epochs", "best_val_accuracy", "time_to_best_s", "wall_s",
-    "trials_complete", "trials_pruned", "trials_failed", "best_config", "error", "curve",
+    "budget_trials", "budget_timeout_s", "epochs", "best_val_accuracy", "test_accuracy", "test_images",
+    "time_to_best_s", "wall_s", "trials_complete", "trials_pruned", "trials_failed", "best_config", "error", "curve",
 ]
 KEY = ("dataset", "method", "seed")
 
@@ -60,15 +62,18 @@ class Store:
             header = next(csv.reader(handle), [])
         if header == COLUMNS:
             return
-        if header and header == COLUMNS[:len(header)]:
+        if upgradable(header):
             self._add_columns()
             return
-        raise UserError(f"{self.path} has other columns than this version writes; move it aside or use "
+        unknown = ", ".join(c for c in header if c not in COLUMNS) or "repeated or no columns"
+        raise UserError(f"{self.path} has other columns than this version writes ({unknown}); move it aside or use "
                         "another --results folder")
 
     def _add_columns(self) -> None:
-        """An older store lacks the newest columns: rewrite it once with them empty, atomically."""
+        """An older store lacks some columns: rewrite it once in COLUMNS order with them empty, atomically."""
         rows = self.rows()
+        if any(None in row for row in rows):  # csv puts values beyond the header under None: rewriting would drop them
+            raise UserError(f"{self.path} has a row with more values than its header; fix it before appending to it")
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(staging, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -77,6 +82,11 @@ class Store:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, self.path)
+
+
+def upgradable(header: list[str]) -> bool:
+    """An older store's header: known columns only, each once, in any order (so rewriting loses nothing)."""
+    return bool(header) and len(set(header)) == len(header) and set(header) <= set(COLUMNS)
 
 
 def environment() -> dict[str, str]:

@@ -16,7 +16,7 @@ from ..errors import UserError
 
 METHODS = ("autotransfer", "autotransfer-prerank", "random", "linear-probe", "seed-recipe")
 SUITE_KEYS = {"name", "datasets", "backbones", "methods", "seeds", "budget", "image_size", "image_sizes", "plugins", "env",
-              "methods_options", "pretrained", "val_fraction"}
+              "methods_options", "pretrained", "val_fraction", "val_as_test"}
 BUDGET_KEYS = {"trials", "timeout_s", "epochs"}
 # Per-method knobs a suite may set under [methods_options.<method>]; everything else is shared.
 METHOD_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -54,6 +54,7 @@ class Suite:
     methods_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     pretrained: bool = True
     val_fraction: float = 0.2
+    val_as_test: tuple[str, ...] = ()  # datasets (as written) whose val split is the test: methods carve val from train
 
     @property
     def folder(self) -> Path:
@@ -120,7 +121,8 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
         plugins=tuple(_string_list(where, "plugins", data.get("plugins", []), allow_empty=True)),
         env=_env(where, data.get("env", {}), folder), methods_options=_methods_options(where, data.get("methods_options", {})),
         pretrained=_bool(where, "pretrained", data.get("pretrained", True)),
-        val_fraction=_val_fraction(where, data.get("val_fraction", 0.2)))
+        val_fraction=_val_fraction(where, data.get("val_fraction", 0.2)),
+        val_as_test=_val_as_test(where, data.get("val_as_test", []), data["datasets"]))
 
 
 def _is_int(value: Any) -> bool:
@@ -195,6 +197,16 @@ def _image_sizes(where: str, value: Any, datasets: list[str]) -> dict[str, int]:
             raise UserError(f"{where}: 'image_sizes' names {dataset!r}, which is not in 'datasets'")
         _image_size(where, f"image_sizes.{dataset}", size)
     return dict(value)
+
+
+def _val_as_test(where: str, value: Any, datasets: list[str]) -> tuple[str, ...]:
+    """`val_as_test = ["../data/hymenoptera"]`: for data that ships only train/val, the methods see train
+    only (carving their val from it) and the shipped val split is the test no method sees."""
+    names = _string_list(where, "val_as_test", value, allow_empty=True)
+    for dataset in names:
+        if dataset not in datasets:
+            raise UserError(f"{where}: 'val_as_test' names {dataset!r}, which is not in 'datasets'")
+    return tuple(names)
 
 
 def _val_fraction(where: str, value: Any) -> float:

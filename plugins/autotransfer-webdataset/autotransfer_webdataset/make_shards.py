@@ -1,6 +1,6 @@
 """Write a labelled image dataset as WebDataset tar shards: ``KEY.<image>`` + ``KEY.cls`` + ``KEY.json``.
 
-Reads an ImageFolder (``root/<class>/*`` or ``root/train|val/<class>/*``, exactly as the core's
+Reads an ImageFolder (``root/<class>/*`` or ``root/train|val|test/<class>/*``, exactly as the core's
 folder source reads it) or ``builtin:digits``, and writes ``classes.txt`` plus ``train-NNNNNN.tar``
 and ``val-NNNNNN.tar`` (``shard-NNNNNN.tar`` when the input has no split). Image files are copied
 byte for byte; arrays and formats the reader does not take are PNG-encoded.
@@ -96,14 +96,14 @@ def _load(source: str) -> LabelledRefs:
     path = Path(source)
     if not path.is_dir():
         raise UserError(f"{source}: no such folder; give an image folder (root/<class>/* or "
-                        "root/train|val/<class>/*) or builtin:digits")
+                        "root/train|val|test/<class>/*) or builtin:digits")
     return FolderSource().load(source)
 
 
 def _split_rows(refs: LabelledRefs) -> list[tuple[str, np.ndarray]]:
     if refs.splits is None:
         return [(UNSPLIT_PREFIX, np.arange(len(refs.refs)))]
-    return [(split, np.flatnonzero(refs.splits == split)) for split in ("train", "val")
+    return [(split, np.flatnonzero(refs.splits == split)) for split in ("train", "val", "test")
             if (refs.splits == split).any()]
 
 
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Write an image folder or builtin:digits as WebDataset tar shards for autotransfer.")
-    parser.add_argument("source", help="image folder (root/<class>/* or root/train|val/<class>/*) or builtin:digits")
+    parser.add_argument("source", help="image folder (root/<class>/* or root/train|val|test/<class>/*) or builtin:digits")
     parser.add_argument("out", help="output folder for classes.txt and the .tar shards")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file (default 1000)")
     parser.add_argument("--upscale", type=int, default=4, help="enlarge array images such as the 8x8 digits (default 4)")

@@ -14,9 +14,10 @@ from autotransfer.errors import UserError
 
 SCHEME = "wds:"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
 # A split prefix must be followed by a non-letter, so "valley-0.tar" is not a validation shard.
-_SPLIT_PREFIX = re.compile(r"^(training|train|validation|valid|val)(?![a-z])", re.IGNORECASE)
+_SPLIT_PREFIX = re.compile(r"^(training|train|validation|valid|val|test)(?![a-z])", re.IGNORECASE)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 
@@ -38,8 +39,9 @@ class ShardSet:
     folders: tuple[Path, ...]
 
     @property
-    def has_val(self) -> bool:
-        return any(shard.split == "val" for shard in self.shards)
+    def has_splits(self) -> bool:
+        """Val or test shards: the source then gives every sample its split (unmarked ones are train)."""
+        return any(shard.split in ("val", "test") for shard in self.shards)
 
 
 # --------------------------------------------------------------------------- names

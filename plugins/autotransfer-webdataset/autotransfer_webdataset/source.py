@@ -47,7 +47,7 @@ class WebDatasetSource:
                             f"{shard_set.shards[0].path}); the tars hold no KEY.jpg/KEY.png members")
         class_names, labels = label_indices(samples, find_classes(shard_set))
         return LabelledRefs(shard_set.name, [s.image for s in samples], np.array(labels), class_names,
-                            np.array(splits) if shard_set.has_val else None)
+                            np.array(splits) if shard_set.has_splits else None)
 
 
 def read_samples(shard_set: ShardSet) -> tuple[list[Sample], list[str]]:

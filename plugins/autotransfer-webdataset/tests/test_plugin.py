@@ -22,11 +22,14 @@ PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> Path:
-    """A folder holding classes.txt and one shard of 100 shuffled digits (all 10 classes), so a search is quick."""
+    """A folder holding classes.txt and one shard of 100 shuffled training digits (all 10 classes), so a
+    search is quick."""
     out = tmp_path_factory.mktemp("digits")
     write_shards("builtin:digits", out, samples_per_shard=100, upscale=4)
-    for extra in sorted(out.glob("shard-*.tar"))[1:]:
-        extra.unlink()
+    keep = sorted(out.glob("train-*.tar"))[0]
+    for extra in out.glob("*.tar"):
+        if extra != keep:
+            extra.unlink()
     return out
 
 

@@ -75,16 +75,21 @@ def test_members_carry_cls_and_source(shard_folder):
 def test_digits_are_png_encoded_and_upscaled(tmp_path):
     from sklearn.datasets import load_digits
 
+    from autotransfer.data import BuiltinSource
+
     summary = write_shards("builtin:digits", tmp_path / "digits", samples_per_shard=1000, upscale=4, shuffle=False)
-    assert [p.name for p in summary.shards] == ["shard-000000.tar", "shard-000001.tar"]
-    assert summary.counts == {"shard": 1797}
+    assert [p.name for p in summary.shards] == ["train-000000.tar", "train-000001.tar", "test-000000.tar"]
+    assert summary.counts == {"train": 1437, "test": 360}  # the built-in digits' fixed test split travels along
     loaded = WebDatasetSource().load(str(tmp_path / "digits"))
-    assert loaded.splits is None  # no val shards: the core makes a stratified split
+    assert sorted(set(loaded.splits.tolist())) == ["test", "train"]  # no val shards: the core carves val from train
     assert loaded.class_names == [str(d) for d in range(10)]
-    digits = load_digits()
-    assert loaded.labels.tolist() == digits.target.tolist()
-    expected = np.round(digits.images[5] * (255 / 16)).astype(np.uint8)
-    assert np.array_equal(decode(loaded.refs[5]), np.kron(expected, np.ones((4, 4), dtype=np.uint8)))
+    digits, splits = load_digits(), BuiltinSource().load("builtin:digits").splits
+    for split in ("train", "test"):
+        assert loaded.labels[loaded.splits == split].tolist() == digits.target[splits == split].tolist()
+    first = int(np.flatnonzero(splits == "train")[5])
+    expected = np.round(digits.images[first] * (255 / 16)).astype(np.uint8)
+    fifth = loaded.refs[int(np.flatnonzero(loaded.splits == "train")[5])]
+    assert np.array_equal(decode(fifth), np.kron(expected, np.ones((4, 4), dtype=np.uint8)))
 
 
 # --------------------------------------------------------------------------- label forms in hand-written shards
