@@ -291,8 +291,11 @@ def _worker(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .worker import worker_salt
+
     options = RunOptions(out=Path(args.out or Path("runs") / args.study), storage=args.storage, study_name=args.study,
-                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), **_heartbeat(args.heartbeat))
+                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), sampler_salt=worker_salt(),
+                         **_heartbeat(args.heartbeat))
     try:
         study = Search(config, options).run()
     except KeyboardInterrupt:

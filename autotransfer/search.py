@@ -61,6 +61,7 @@ class RunOptions:
     memory_budget: int | None = None
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a worker silent for 3x this long is dead; its trial is retried
     best_history: bool = False  # keep every model that was best/ under <out>/best-history (the benchmark)
+    sampler_salt: int = 0  # added to the sampler's seed; `autotransfer worker` sets one per process
 
 
 # --------------------------------------------------------------------------- naming and storage
@@ -248,7 +249,7 @@ class Search:
             raise UserError(f"cannot open storage {self.options.storage!r}: {type(exc).__name__}: {exc}") from None
         if not created:
             self._check_against(study)
-        study.sampler = self._sampler(previous_trials=len(study.trials))
+        study.sampler = self._sampler(previous_trials=len(study.trials) + self.options.sampler_salt)
         study.set_user_attr(CONFIG_ATTR, self.config.to_dict())
         (self.out / RUN_FILE).write_text(json.dumps({"storage": self.options.storage,
                                                       "study": self.options.study_name}, indent=2) + "\n")

@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -42,6 +43,12 @@ class SurplusTrial(Exception):
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_salt() -> int:
+    """A sampler-seed offset of this worker process. Workers that open a study at the same moment see
+    the same number of trials, so `seed + trials` alone gave them one seed and identical draws."""
+    return zlib.crc32(worker_id().encode()) % 1_000_003
 
 
 # --------------------------------------------------------------------------- the budget

@@ -238,3 +238,22 @@ def test_a_worker_whose_trial_was_taken_over_drops_it_and_goes_on(tmp_path, caps
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
     assert retry.user_attrs["resumed_from_epoch"] == 1  # the checkpoint written before the takeover, not after
     assert not any((out / "checkpoints").glob("trial-*"))
+
+
+def test_workers_opening_a_study_together_draw_different_configurations(tmp_path, monkeypatch):
+    from autotransfer.config import SearchConfig
+    from autotransfer.search import RunOptions, Search, default_storage
+    from autotransfer.space import suggest
+    from autotransfer.worker import worker_salt
+
+    out = tmp_path / "together"
+    config = SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet", "test_efficientnet"],
+                          trials=4).validate()
+    studies = []
+    for pid in (4101, 4102):  # two worker processes, opening the new study before either has a trial
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        options = RunOptions(out=out, storage=default_storage(out), study_name="together", device="cpu", quiet=True,
+                             sampler_salt=worker_salt())
+        studies.append(Search(config, options).open_study())
+    drawn = [suggest(study.ask(), config, lambda name: 5, None) for study in studies]
+    assert drawn[0] != drawn[1]
