@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -90,8 +91,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(file), device="cpu")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsUnavailable(f"weights file {file} holds pickled Python objects, not just tensors, and pickles "
+                                 "are refused (they can run code); save a state dict of tensors "
+                                 "(torch.save(model.state_dict(), path)) or a .safetensors file") from None
     except Exception as exc:
-        raise WeightsUnavailable(f"cannot read weights file {file}: {type(exc).__name__}: {exc}") from None
+        detail = " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
+        raise WeightsUnavailable(f"cannot read weights file {file}: {type(exc).__name__}: {detail}") from None
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

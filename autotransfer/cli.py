@@ -231,6 +231,10 @@ def _search(args: argparse.Namespace) -> int:
     from .holdout import selection_summary
 
     frame = leaderboard.leaderboard_frame(study)
+    if not (frame["state"] == "COMPLETE").any():
+        if local is not None:
+            local.status()  # one line per failed worker, if any failed
+        return _nothing_completed(frame, storage, study_name)
     print(leaderboard.to_markdown(frame))
     if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
         print("\nbest per backbone:\n")
@@ -240,6 +244,17 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
     return local.status() if local is not None else 0
+
+
+def _nothing_completed(frame, storage: str, study_name: str) -> int:
+    """Every trial failed or was pruned: there is no model, so say why in one line and exit 1."""
+    failed = frame[frame["state"] == "FAIL"]
+    reasons = [r for r in failed["reason"].fillna("") if r]
+    why = f"; first reason: {reasons[0]}" if reasons else ""
+    print(f"{PROG}: error: no trial completed ({len(failed)} failed, {int((frame['state'] == 'PRUNED').sum())} pruned)"
+          f"{why}; no model was saved. The trials are kept in {storage} (study {study_name!r}): see "
+          f"`{PROG} leaderboard --storage {storage} --study {study_name}`", file=sys.stderr)
+    return 1
 
 
 def _heartbeat(value: int | None) -> dict:
@@ -276,8 +291,11 @@ def _worker(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .worker import worker_salt
+
     options = RunOptions(out=Path(args.out or Path("runs") / args.study), storage=args.storage, study_name=args.study,
-                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), **_heartbeat(args.heartbeat))
+                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), sampler_salt=worker_salt(),
+                         **_heartbeat(args.heartbeat))
     try:
         study = Search(config, options).run()
     except KeyboardInterrupt:
@@ -305,6 +323,11 @@ def _leaderboard(args: argparse.Namespace) -> int:
         storage, study_name = storage or stored["storage"], study_name or stored["study"]
     if not storage or not study_name:
         raise UserError("give a run folder, or --storage URL and --study NAME")
+    from .storage import sqlite_missing
+
+    if sqlite_missing(storage):  # opening it would create an empty database file
+        raise UserError(f"no study database at {storage[len('sqlite:///'):]}; give the --storage of an existing "
+                        "search (or its run folder)")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -345,11 +368,18 @@ def _predict(args: argparse.Namespace) -> int:
     from .search import resolve_device
 
     frame = predict(Path(args.model), args.inputs, registries(tuple(args.plugin)), resolve_device(args.device))
+    # File names that are not valid UTF-8 reach Python as surrogate escapes: write their original bytes back.
+    data = frame.to_csv(index=False).encode("utf-8", errors="surrogateescape")
     if args.output:
-        frame.to_csv(args.output, index=False)
+        try:
+            Path(args.output).write_bytes(data)
+        except OSError as exc:
+            raise UserError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
         print(f"wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
     else:
-        print(frame.to_csv(index=False), end="")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
     return 0
 
 

@@ -197,15 +197,20 @@ class CsvSource:
 
     def load(self, uri: str) -> LabelledRefs:
         path = Path(uri)
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in ("path", "label") if c not in columns]
-            if missing:
-                raise UserError(
-                    f"CSV manifest {path} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'}); "
-                    "its header must be path,label[,split]")
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise UserError(f"CSV manifest {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                            "save it as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise UserError(
+                f"CSV manifest {path} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'}); "
+                "its header must be path,label[,split]")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
         if not rows:
             raise UserError(f"CSV manifest {path} has a header but no rows")
         class_names = sorted({row["label"] for row in rows})
@@ -280,7 +285,22 @@ def _digit_subset(uri: str, spec: str) -> list[int]:
 
 
 def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Visible sub-folders; a link back to `path` or above it (`ln -s . data/loop`) is skipped with a warning,
+    since it would make a class of every image again."""
+    folders = []
+    for p in sorted(path.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if p.is_symlink() and _loops_back(p, path):
+            log.warning("skipped folder %s: a link back to %s, not a class", p, p.resolve())
+            continue
+        folders.append(p)
+    return folders
+
+
+def _loops_back(link: Path, parent: Path) -> bool:
+    target, here = link.resolve(), parent.resolve()
+    return target == here or target in here.parents
 
 
 def _scan_classes(root: Path) -> dict[str, list[Path]]:
@@ -331,6 +351,11 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
 def _try_decode(ref: ImageRef, size: int) -> torch.Tensor | None:
     try:
         return decode_image(ref, size)
+    except Image.DecompressionBombError as exc:  # skipped like any unreadable file, but say why
+        log.warning("skipped %s: %s (PIL refuses images past Image.MAX_IMAGE_PIXELS = %s as a possible "
+                    "decompression bomb; raise that limit only for images you trust)", _describe(ref),
+                    str(exc).split(" could be")[0], Image.MAX_IMAGE_PIXELS)
+        return None
     except Exception:  # unreadable or not an image: counted and reported once by the caller
         return None
 

@@ -102,6 +102,12 @@ class LocalWorkers:
         return 0 if not failed else (failed[0][1] if failed[0][1] > 0 else 1)
 
 
+# `python -m` (and `-c`) put the current folder first on sys.path, so a `tabulate.py` lying there would be
+# imported by the worker; drop it, so workers load installed code and explicit --plugin files only.
+WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                "from autotransfer.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
     """Start `autotransfer worker` per plan and wait; Ctrl-C is passed on once to each worker, which
     records its running trial as interrupted and exits. Returns the exit statuses."""
@@ -111,7 +117,7 @@ def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
         env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads)}
         if plan.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = plan.gpu
-        command = [sys.executable, "-m", "autotransfer.cli", "worker", *worker_args, "--threads", str(plan.threads)]
+        command = [sys.executable, "-c", WORKER_ENTRY, "worker", *worker_args, "--threads", str(plan.threads)]
         # Own session: a terminal's Ctrl-C reaches only this process, which forwards exactly one SIGINT.
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)

@@ -20,7 +20,18 @@ COLUMNS = [
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
 
-def _row(trial: optuna.trial.FrozenTrial, test: dict | None) -> dict:
+def _reason(trial: optuna.trial.FrozenTrial, retries: dict[int, int]) -> str:
+    """The recorded reason; a failed trial without one was failed by the storage's heartbeat check
+    (its worker was killed, frozen or cut off before it could record anything)."""
+    reason = trial.user_attrs.get("reason", "")
+    if reason or trial.state != optuna.trial.TrialState.FAIL:
+        return reason
+    if trial.number in retries:
+        return f"heartbeat: its worker stopped (killed, frozen or cut off); retried as trial {retries[trial.number]}"
+    return "heartbeat: its worker stopped (killed, frozen or cut off) before recording why"
+
+
+def _row(trial: optuna.trial.FrozenTrial, test: dict | None, retries: dict[int, int]) -> dict:
     params, attrs = trial.params, trial.user_attrs
     state = trial.state.name
     if state == "COMPLETE":
@@ -56,7 +67,7 @@ def _row(trial: optuna.trial.FrozenTrial, test: dict | None) -> dict:
         "duration_s": round(duration, 2) if duration is not None else None,
         "image_size": attrs.get("image_size"),
         "cache": attrs.get("cache"),
-        "reason": attrs.get("reason", ""),
+        "reason": _reason(trial, retries),
     }
 
 
@@ -65,7 +76,9 @@ def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     from .holdout import stored_score
 
     test = stored_score(study)
-    rows = [_row(t, test) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    rows = [_row(t, test, retries) for t in trials]
     frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)

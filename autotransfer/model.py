@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -100,6 +101,7 @@ def save_model(model: TransferModel, card: ModelCard, directory: Path) -> None:
 
 
 def load_model(directory: Path, registries) -> tuple[TransferModel, ModelCard]:
+    """Rebuild a saved model; a damaged or hand-edited folder is a one-line UserError naming what is wrong."""
     from safetensors.torch import load_file
 
     from .errors import UserError
@@ -108,9 +110,67 @@ def load_model(directory: Path, registries) -> tuple[TransferModel, ModelCard]:
     if not (directory / CONFIG_FILE).is_file() or not (directory / MODEL_FILE).is_file():
         raise UserError(f"{directory} is not a saved autotransfer model (expected {CONFIG_FILE} and {MODEL_FILE}); "
                         "point --model at a search's best/ folder")
-    card = ModelCard(**json.loads((directory / CONFIG_FILE).read_text()))
+    card = read_card(directory)
     provider = provider_for(card.backbone, registries)
     backbone = provider.create(card.backbone, WeightsRequest(pretrained=False))
-    model = assemble(backbone, HeadConfig(**card.head), card.num_classes, card.frozen_stages)
-    model.load_state_dict(load_file(str(directory / MODEL_FILE)))
+    try:
+        model = assemble(backbone, HeadConfig(**card.head), card.num_classes, card.frozen_stages)
+    except Exception as exc:
+        raise UserError(f"{directory / CONFIG_FILE}: cannot build the model it describes (head {card.head!r}, "
+                        f"frozen_stages {card.frozen_stages!r}): {_first_line(exc)}; the card was edited or damaged: "
+                        "use the folder a search wrote") from None
+    try:
+        state = load_file(str(directory / MODEL_FILE))
+    except Exception as exc:
+        raise UserError(f"{directory / MODEL_FILE} is not a readable safetensors file ({_first_line(exc)}); "
+                        "it is truncated or damaged: copy the folder again") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{directory / MODEL_FILE} does not fit the model its card describes "
+                        f"({card.backbone}, {card.num_classes} classes): {_first_line(exc, 2)}; the weights or "
+                        f"{CONFIG_FILE} were changed: use the folder a search wrote") from None
     return model.eval(), card
+
+
+def read_card(directory: Path) -> ModelCard:
+    """`model.json` as a ModelCard, every field checked."""
+    from .errors import UserError
+
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); use the model.json a search wrote") from None
+    fields = {f.name: f for f in dataclasses.fields(ModelCard)}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds {type(data).__name__}, not a model card object")
+    missing, unknown = [k for k in required if k not in data], sorted(set(data) - set(fields))
+    if missing or unknown:
+        detail = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                             f"unknown {', '.join(unknown)}" if unknown else "") if part)
+        raise UserError(f"{path} is not a model card this version reads ({detail}); use the model.json a search wrote")
+    card = ModelCard(**data)
+    for name in ("image_size", "resize_size", "decode_size"):
+        value = getattr(card, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{path}: {name} must be a positive integer, got {value!r}")
+    if card.image_size > card.resize_size or card.resize_size > card.decode_size:
+        raise UserError(f"{path}: sizes must satisfy image_size <= resize_size <= decode_size, got "
+                        f"{card.image_size}, {card.resize_size}, {card.decode_size}")
+    if not isinstance(card.class_names, list) or len(card.class_names) < 2 or \
+            not all(isinstance(c, str) for c in card.class_names):
+        raise UserError(f"{path}: class_names must be a list of at least 2 names, got {card.class_names!r}")
+    if not isinstance(card.head, dict) or not isinstance(card.backbone, str):
+        raise UserError(f"{path}: backbone must be a name and head an object, got {card.backbone!r}, {card.head!r}")
+    for name in ("mean", "std"):
+        value = getattr(card, name)
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise UserError(f"{path}: {name} must be 3 numbers, got {value!r}")
+    return card
+
+
+def _first_line(exc: Exception, lines: int = 1) -> str:
+    text = " ".join(str(exc).strip().splitlines()[:lines]).strip()
+    return text or type(exc).__name__

@@ -72,6 +72,13 @@ def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: Tria
     schedule stay the same. Checkpoints hold the whole `model`'s trained tensors, so one written on
     one path resumes on another (a retry elsewhere may plan differently)."""
     store = CheckpointStore.for_key(search.out, checkpoint_key(trial.user_attrs, trial.number))
+
+    def save(state: TrainState) -> None:
+        """The retry of a trial taken over shares its checkpoint folder: never write into it."""
+        if taken_over(trial):
+            raise TrialTakenOver(f"trial {trial.number} was failed by the heartbeat check and retried elsewhere")
+        store.save(state)
+
     batch_size, device = path.settings.batch_size, path.settings.device
     resume = store.load()
     if resume is not None:
@@ -80,7 +87,7 @@ def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: Tria
     accumulation = path.settings.accumulation
     while True:
         try:
-            return path.run(on_epoch, accumulation=accumulation, resume=resume, on_checkpoint=store.save)
+            return path.run(on_epoch, accumulation=accumulation, resume=resume, on_checkpoint=save)
         except torch.cuda.OutOfMemoryError:
             if accumulation > 1 or batch_size < 4:
                 raise
@@ -92,6 +99,16 @@ def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: Tria
         resume = store.load()
         if resume is None:
             load_trained_tensors(model, start)
+
+
+class TrialTakenOver(Exception):
+    """This worker's heartbeats were late: its trial was failed in the storage and handed to a retry."""
+
+
+def taken_over(trial: optuna.Trial) -> bool:
+    """Whether the storage no longer holds `trial` as running (another worker failed it as stale)."""
+    state = trial.study._storage.get_trial(trial._trial_id).state
+    return state != optuna.trial.TrialState.RUNNING
 
 
 def replay(trial: optuna.Trial, state: TrainState) -> None:

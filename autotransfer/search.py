@@ -24,7 +24,7 @@ import torch
 
 from . import leaderboard
 from .backbones import BackboneInfo, WeightsRequest, provider_for
-from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
+from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
 from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
@@ -34,7 +34,7 @@ from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import fit_trial, publish_best
 from .space import TrialParams, first_trial, suggest
-from .storage import DEFAULT_HEARTBEAT_S, open_storage
+from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs
 
@@ -43,6 +43,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 ELAPSED_ATTR = "autotransfer_elapsed_s"
 PRERANK_ATTR = "autotransfer_prerank"
 RUN_FILE = "run.json"
+CONFIG_WAIT_S = 30.0  # how long a joining process waits for the creator to store the configuration
 BEST_DIR = "best"
 BEST_HISTORY_DIR = "best-history"
 
@@ -60,6 +61,7 @@ class RunOptions:
     memory_budget: int | None = None
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a worker silent for 3x this long is dead; its trial is retried
     best_history: bool = False  # keep every model that was best/ under <out>/best-history (the benchmark)
+    sampler_salt: int = 0  # added to the sampler's seed; `autotransfer worker` sets one per process
 
 
 # --------------------------------------------------------------------------- naming and storage
@@ -80,16 +82,9 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
 
 
-def _sqlite_missing(storage: str) -> bool:
-    if not storage.startswith("sqlite:///"):
-        return False
-    path = storage[len("sqlite:///"):]
-    return path not in ("", ":memory:") and not Path(path).exists()
-
-
 def stored_config(storage: str, study_name: str) -> SearchConfig | None:
     """The configuration saved in an existing study, or None when there is no such study."""
-    if _sqlite_missing(storage):
+    if sqlite_missing(storage):
         return None
     opened = open_storage(storage, None)
     try:
@@ -216,6 +211,8 @@ class Search:
 
     # -- preparation: everything that can fail on bad input happens before any trial runs
     def prepare(self) -> None:
+        if self.config.prerank is not None:
+            self.registries.scorer(self.config.prerank)  # a typo fails before anything is stored
         for name in self.config.backbones:
             self.infos[name] = provider_for(name, self.registries).describe(name)
         for name, path in self.config.weights.items():
@@ -239,16 +236,40 @@ class Search:
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
         storage = open_storage(self.options.storage, self.options.heartbeat_s)
+        name = self.options.study_name
         try:
-            study = optuna.create_study(study_name=self.options.study_name, storage=storage,
-                                        direction="maximize", pruner=self._pruner(), load_if_exists=True)
+            try:  # the storage's unique study name makes exactly one process the creator
+                study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                            pruner=self._pruner(), load_if_exists=False)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=name, storage=storage, pruner=self._pruner())
+                created = False
         except Exception as exc:
             raise UserError(f"cannot open storage {self.options.storage!r}: {type(exc).__name__}: {exc}") from None
-        study.sampler = self._sampler(previous_trials=len(study.trials))
+        if not created:
+            self._check_against(study)
+        study.sampler = self._sampler(previous_trials=len(study.trials) + self.options.sampler_salt)
         study.set_user_attr(CONFIG_ATTR, self.config.to_dict())
         (self.out / RUN_FILE).write_text(json.dumps({"storage": self.options.storage,
                                                       "study": self.options.study_name}, indent=2) + "\n")
         return study
+
+    def _check_against(self, study: optuna.Study) -> None:
+        """Joining a study another process created: its settings, not this run's, define it. They were
+        checked when this command started, but a search started at the same moment may have created the
+        study since, with other settings; wait for its configuration (set right after creation) and
+        refuse a difference rather than mix trials of two searches."""
+        deadline = time.monotonic() + CONFIG_WAIT_S
+        while CONFIG_ATTR not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        stored = study.user_attrs.get(CONFIG_ATTR)
+        if stored is None:
+            raise UserError(f"study {study.study_name!r} in {self.options.storage} was not created by autotransfer; "
+                            "use another --study name")
+        merge_config({k: v for k, v in self.config.to_dict().items() if k not in RUN_FIELDS},
+                     SearchConfig.from_dict(stored))
 
     def _sampler(self, previous_trials: int) -> optuna.samplers.BaseSampler:
         """Seeded TPE; a resumed study offsets the seed so it does not replay the first run's draws."""

@@ -54,6 +54,14 @@ def open_storage(url: str, heartbeat_s: int | None = DEFAULT_HEARTBEAT_S) -> opt
                         "database) and that the server is running") from None
 
 
+def sqlite_missing(url: str) -> bool:
+    """A SQLite URL whose file does not exist yet (opening it would create an empty database)."""
+    if not url.startswith(SQLITE_PREFIX):
+        return False
+    path = url[len(SQLITE_PREFIX):]
+    return path not in ("", ":memory:") and not Path(path).exists()
+
+
 def shown(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:

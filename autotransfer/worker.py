@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -42,6 +43,12 @@ class SurplusTrial(Exception):
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_salt() -> int:
+    """A sampler-seed offset of this worker process. Workers that open a study at the same moment see
+    the same number of trials, so `seed + trials` alone gave them one seed and identical draws."""
+    return zlib.crc32(worker_id().encode()) % 1_000_003
 
 
 # --------------------------------------------------------------------------- the budget
@@ -126,9 +133,13 @@ class WorkerLoop:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.optimize(self._objective, n_trials=1, callbacks=[self._after_trial], catch=(Exception,),
                                     gc_after_trial=False)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Our heartbeats stalled past the grace period, another worker failed and re-queued the trial.
-            self.progress.say("a trial of this worker was taken over by another worker (heartbeats were late)")
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+            # Our heartbeats stalled past the grace period (a frozen or overloaded machine): another worker
+            # failed the trial and re-queued it, so Optuna cannot record its end here. Drop the work, go on.
+            if not self._current_finished_elsewhere():
+                raise
+            self.progress.say(f"trial {self.current} was taken over by another worker (this worker's heartbeats "
+                              f"were late); dropping its work: {type(exc).__name__}")
         except KeyboardInterrupt:
             self._requeue_interrupted()
             raise
@@ -167,6 +178,12 @@ class WorkerLoop:
             self.progress.say(f"trial {trial.number} pruned: {reason}")
         else:
             self.progress.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
+
+    def _current_finished_elsewhere(self) -> bool:
+        if self.current is None:
+            return False
+        frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.current), None)
+        return frozen is not None and frozen.state == TrialState.FAIL and not frozen.user_attrs.get("reason")
 
     def _requeue_interrupted(self) -> None:
         """Queue a copy of the interrupted trial, as the heartbeat retry would, so a re-run resumes it."""

@@ -254,6 +254,24 @@ def running_with_checkpoint(storage: str, study: str, out: Path, epochs: int, ne
     return None
 
 
+def stopped_while_running(storage: str, study: str, out: Path, epochs: int, workers: list[subprocess.Popen]):
+    """(trial, its worker) with the worker frozen by SIGSTOP while the trial is still RUNNING, or None.
+
+    Seen RUNNING in one poll is not enough: on a loaded machine the worker may finish the trial before
+    the kill lands. Stopping the worker first, then checking, makes "killed mid-trial" certain."""
+    victim = running_with_checkpoint(storage, study, out, epochs, need_complete=True)
+    if victim is None:
+        return None
+    pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    process = next(w for w in workers if w.pid == pid)
+    process.send_signal(signal.SIGSTOP)
+    now = next(t for t in load(storage, study).get_trials() if t.number == victim.number)
+    if now.state == TrialState.RUNNING:
+        return victim, process
+    process.send_signal(signal.SIGCONT)  # it finished in between: let it go on and pick another moment
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind, monkeypatch):
@@ -267,9 +285,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind, monk
                  "--threads", "1", "--plugin", str(SLOW_PLUGIN))
     workers = [subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        victim = wait_for(lambda: running_with_checkpoint(storage, study, out, epochs, need_complete=True), workers[0])
-        pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
-        killed = next(w for w in workers if w.pid == pid)
+        victim, killed = wait_for(lambda: stopped_while_running(storage, study, out, epochs, workers), workers[0])
         before = {t.number: t.value for t in load(storage, study).get_trials(states=(TrialState.COMPLETE,))}
         killed.send_signal(signal.SIGKILL)
         killed.wait()

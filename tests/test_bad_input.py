@@ -1,0 +1,259 @@
+"""Inputs that used to end in a traceback, a poisoned study or a misleading exit status (issue 15),
+each run in-process: one line on stderr, exit 2 for bad input, and nothing already stored lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from PIL import Image
+
+from autotransfer.cli import main
+from autotransfer.data import FolderSource, prepare
+
+OOM_PLUGIN = Path(__file__).parent / "plugin_examples" / "oom_plugin.py"
+TINY = ["--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained", "--image-size", "16",
+        "--epochs", "1", "--device", "cpu", "--quiet"]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def _image(path: Path, size: int = 16, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "run"
+    assert main(["search", *TINY, "--trials", "1", "--out", str(out)]) == 0
+    return out / "best"
+
+
+# --------------------------------------------------------------------------- the study
+
+def test_every_trial_failing_exits_1_and_names_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OOM_ALWAYS_TRIALS", "0,1,2")
+    out = tmp_path / "oom"
+    assert main(["search", "--dataset", "builtin:digits:0-2", "--backbones", "oomnet", "--plugin", str(OOM_PLUGIN),
+                 "--epochs", "1", "--trials", "2", "--pruner", "none", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no trial completed (3 failed, 0 pruned); first reason: oom" in err and "no model was saved" in err
+    assert "best model:" not in err and not (out / "best").exists()
+    trials = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    assert len(trials) == 3  # the failed trials stay in the study
+
+
+def test_a_prerank_typo_is_refused_before_the_study_is_stored(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["search", *TINY, "--trials", "1", "--out", str(out), "--prerank", "logmee"]) == 2
+    assert "logmee" in one_line(capsys)
+    assert not (out / "study.db").exists()
+    assert main(["search", *TINY, "--trials", "1", "--out", str(out), "--prerank", "logme"]) == 0
+
+
+def test_leaderboard_on_a_missing_sqlite_file_does_not_create_it(tmp_path, capsys):
+    missing = tmp_path / "nothing" / "study.db"
+    assert main(["leaderboard", "--storage", f"sqlite:///{missing}", "--study", "x"]) == 2
+    assert "no study database at" in one_line(capsys)
+    assert not missing.exists() and not missing.parent.exists()
+
+
+# --------------------------------------------------------------------------- predict on a tampered model
+
+def _card_edit(key, value):
+    def edit(folder: Path) -> None:
+        card = json.loads((folder / "model.json").read_text())
+        if value is KeyError:
+            del card[key]
+        else:
+            card[key] = value(card) if callable(value) else value
+        (folder / "model.json").write_text(json.dumps(card))
+    return edit
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+TAMPERINGS = {
+    "bad json": (lambda folder: (folder / "model.json").write_text("{not json"), "is not valid JSON"),
+    "missing key": (_card_edit("class_names", KeyError), "missing class_names"),
+    "extra key": (_card_edit("colour", "blue"), "unknown colour"),
+    "class count": (_card_edit("class_names", lambda card: card["class_names"] + ["extra"]), "does not fit the model"),
+    "truncated weights": (_truncate, "is not a readable safetensors file"),
+    "image size 0": (_card_edit("image_size", 0), "image_size must be a positive integer"),
+    "bad head": (_card_edit("head", {"kind": "linear", "depth": 3}), "cannot build the model it describes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERINGS))
+def test_predict_on_a_tampered_model_is_one_line(saved_model, tmp_path, capsys, case):
+    tamper, message = TAMPERINGS[case]
+    folder = tmp_path / "best"
+    shutil.copytree(saved_model, folder)
+    tamper(folder)
+    image = _image(tmp_path / "img.png")
+    assert main(["predict", str(image), "--model", str(folder), "--device", "cpu"]) == 2
+    assert message in one_line(capsys)
+
+
+# --------------------------------------------------------------------------- encodings
+
+def test_a_csv_manifest_with_a_non_utf8_byte_is_one_line(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"path,label\na.png,caf\xe9\nb.png,tea\n")
+    assert main(["search", "--dataset", str(manifest), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "is not UTF-8 text (byte 0xe9 on line 2)" in one_line(capsys)
+
+
+def test_predict_writes_file_names_that_are_not_utf8(saved_model, tmp_path, capsysbinary):
+    folder = tmp_path / "imgs"
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name: not valid UTF-8
+    _image(folder / name)
+    output = tmp_path / "preds.csv"
+    assert main(["predict", str(folder), "--model", str(saved_model), "--output", str(output), "--device", "cpu"]) == 0
+    assert b"caf\xe9.png" in output.read_bytes()
+    capsysbinary.readouterr()
+    assert main(["predict", str(folder), "--model", str(saved_model), "--device", "cpu"]) == 0
+    assert b"caf\xe9.png" in capsysbinary.readouterr().out
+
+
+# --------------------------------------------------------------------------- datasets on disk
+
+def test_a_link_back_to_the_dataset_root_is_not_a_class(tmp_path, caplog):
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        for i in range(3):
+            _image(root / label / f"{i}.png", seed=i)
+    (root / "loop").symlink_to(".")
+    (root / "a" / "up").symlink_to("..")
+    refs = FolderSource().load(str(root))
+    assert refs.class_names == ["a", "b"] and len(refs.refs) == 6
+    assert "a link back to" in caplog.text
+
+
+def test_a_decompression_bomb_is_skipped_with_its_reason(tmp_path, caplog, monkeypatch):
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        for i in range(3):
+            _image(root / label / f"{i}.png", seed=i)
+    _image(root / "a" / "huge.png", size=64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice that: refused as a bomb
+    data = prepare(FolderSource().load(str(root)), 16, val_fraction=0.34, seed=0)
+    assert len(data.train) + len(data.val) == 6
+    assert "huge.png" in caplog.text and "decompression bomb" in caplog.text and "MAX_IMAGE_PIXELS" in caplog.text
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_weights_file_with_pickled_objects_is_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save({"conv.weight": torch.zeros(1), "extra": _NotATensor()}, weights)
+    assert main(["search", *TINY, "--trials", "1", "--out", str(tmp_path / "run"),
+                 "--weights", f"test_resnet={weights}"]) == 2
+    assert "holds pickled Python objects" in one_line(capsys)
+
+
+# --------------------------------------------------------------------------- creating and joining studies
+
+def test_a_search_that_lost_the_creation_race_is_refused(tmp_path):
+    """Two searches with other --epochs start together: both read "no such study" before either creates
+    it. The second to open the storage must refuse, not run 3-epoch trials in a 2-epoch study."""
+    from autotransfer.config import SearchConfig
+    from autotransfer.errors import UserError
+    from autotransfer.search import RunOptions, Search, default_storage
+
+    out = tmp_path / "race"
+    options = RunOptions(out=out, storage=default_storage(out), study_name="race", device="cpu", quiet=True)
+    first = Search(SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet"], epochs=2).validate(), options)
+    second = Search(SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet"], epochs=3).validate(), options)
+    first.open_study()
+    with pytest.raises(UserError, match="epochs: stored 2, given 3"):
+        second.open_study()
+    stored = optuna.load_study(study_name="race", storage=options.storage).user_attrs["autotransfer_config"]
+    assert stored["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_local_workers_do_not_import_modules_from_the_current_folder(tmp_path, monkeypatch):
+    marker = tmp_path / "imported-by-worker"
+    here = tmp_path / "cwd"
+    here.mkdir()
+    # A module of an installed package's name, in the folder the user runs from.
+    (here / "tabulate.py").write_text(
+        "import sys, pathlib\n"
+        f"if 'worker' in sys.argv: pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "raise ImportError('not the real tabulate')\n")
+    import tabulate  # noqa: F401 - this process has the real one already; only the worker could pick up the fake
+
+    monkeypatch.chdir(here)
+    out = tmp_path / "run"
+    assert main(["search", *TINY, "--trials", "1", "--out", str(out), "--workers", "1"]) == 0
+    assert not marker.exists()
+    assert (out / "leaderboard.md").read_text().startswith("| rank")
+
+
+def test_a_trial_failed_by_the_heartbeat_check_says_so(tmp_path):
+    from autotransfer.leaderboard import leaderboard_frame
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    dead = study.ask()
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials leaves it: no reason recorded
+    retry = study.ask()
+    study._storage.set_trial_system_attr(retry._trial_id, "failed_trial", dead.number)
+    study.tell(retry, 0.5)
+    lonely = study.ask()
+    study.tell(lonely, state=optuna.trial.TrialState.FAIL)
+    reasons = leaderboard_frame(study).set_index("trial")["reason"]
+    assert reasons[dead.number].startswith("heartbeat: its worker stopped") and "retried as trial 1" in reasons[0]
+    assert reasons[lonely.number].startswith("heartbeat:") and reasons[retry.number] == ""
+
+
+def test_a_worker_whose_trial_was_taken_over_drops_it_and_goes_on(tmp_path, capsys):
+    plugin = Path(__file__).parent / "plugin_examples" / "takeover_plugin.py"
+    out = tmp_path / "late"
+    assert main(["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
+                 "--image-size", "16", "--epochs", "3", "--trials", "1", "--pruner", "none", "--frozen-stages", "0",
+                 "--device", "cpu", "--plugin", str(plugin), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "trial 0 was taken over by another worker" in err and "Traceback" not in err
+    trials = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    first, retry = trials
+    assert first.state == optuna.trial.TrialState.FAIL and first.intermediate_values.keys() == {1}
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["resumed_from_epoch"] == 1  # the checkpoint written before the takeover, not after
+    assert not any((out / "checkpoints").glob("trial-*"))
+
+
+def test_workers_opening_a_study_together_draw_different_configurations(tmp_path, monkeypatch):
+    from autotransfer.config import SearchConfig
+    from autotransfer.search import RunOptions, Search, default_storage
+    from autotransfer.space import suggest
+    from autotransfer.worker import worker_salt
+
+    out = tmp_path / "together"
+    config = SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet", "test_efficientnet"],
+                          trials=4).validate()
+    studies = []
+    for pid in (4101, 4102):  # two worker processes, opening the new study before either has a trial
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        options = RunOptions(out=out, storage=default_storage(out), study_name="together", device="cpu", quiet=True,
+                             sampler_salt=worker_salt())
+        studies.append(Search(config, options).open_study())
+    drawn = [suggest(study.ask(), config, lambda name: 5, None) for study in studies]
+    assert drawn[0] != drawn[1]
