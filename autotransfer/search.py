@@ -450,9 +450,10 @@ class Search:
         stored = study.user_attrs.get(PRERANK_ATTR)
         if stored is not None:
             write_scorer_tau(stored, frame, self.out)
-        best_card = self.out / BEST_DIR / "model.json"
-        if best_card.exists():
-            saved = json.loads(best_card.read_text()).get("trial")
+        from .holdout import saved_trial
+
+        saved = saved_trial(self.out / BEST_DIR)
+        if saved is not None:
             complete = frame[frame["state"] == "COMPLETE"]
             best_number = int(complete["trial"].iloc[0]) if len(complete) else None  # ties: the lower number
             if best_number is not None and saved != best_number:
