@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -217,13 +218,19 @@ def _search(args: argparse.Namespace) -> int:
         launch = lambda study: None  # noqa: E731 - the workers run the trials
     elif local is not None:
         launch = local.bind(search, options)
+    from .worker import exit_status, stop_on_sigterm
+
+    restore = stop_on_sigterm()
     try:
         study = search.run(launch=launch)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished trials are kept in {storage} (study {study_name!r}); the running "
-              "trial is recorded as interrupted and resumes from its checkpoint when you run the same command again",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        running = "running trials are" if local is not None else "running trial is"
+        print(f"{PROG}: {_stopped_by(stop)}; finished trials are kept in {storage} (study {study_name!r}); the "
+              f"{running} recorded as interrupted and resume from their checkpoints when you run the same command "
+              "again", file=sys.stderr)
+        return exit_status(stop)
+    finally:
+        restore()
     if given.get("create_only"):
         print(f"study {study_name!r} is ready; start workers with: {PROG} worker --storage {storage} --study {study_name}",
               file=sys.stderr)
@@ -296,12 +303,19 @@ def _worker(args: argparse.Namespace) -> int:
     options = RunOptions(out=Path(args.out or Path("runs") / args.study), storage=args.storage, study_name=args.study,
                          device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), sampler_salt=worker_salt(),
                          **_heartbeat(args.heartbeat))
+    from .launch import is_supervised
+    from .worker import exit_status, stop_on_sigterm
+
+    restore = stop_on_sigterm()
     try:
         study = Search(config, options).run()
-    except KeyboardInterrupt:
-        print(f"{PROG}: worker interrupted; its running trial is recorded as interrupted and re-queued, and resumes "
-              "from its checkpoint in the next worker", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        if not is_supervised():  # under `search --workers` the parent says it once for all workers
+            print(f"{PROG}: worker {_stopped_by(stop)}; its running trial is recorded as interrupted and re-queued, "
+                  "and resumes from its checkpoint in the next worker", file=sys.stderr)
+        return exit_status(stop)
+    finally:
+        restore()
     finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
     if not args.quiet:
         print(f"{PROG}: worker done; study {args.study!r} has {finished} finished trial(s)", file=sys.stderr)
@@ -437,6 +451,10 @@ def _plugins(args: argparse.Namespace) -> int:
         for kind, items in plugin.registers.items():
             print(f"  {kind}: {', '.join(items)}")
     return 0
+
+
+def _stopped_by(stop: KeyboardInterrupt) -> str:
+    return "stopped by SIGTERM" if getattr(stop, "signum", None) == signal.SIGTERM else "interrupted"
 
 
 def _bench(args: argparse.Namespace) -> int:

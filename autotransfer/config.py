@@ -17,6 +17,7 @@ OPTIMIZERS = ("adam", "rmsprop", "adamw", "sgd")
 DEFAULT_OPTIMIZERS = ("adam", "rmsprop")
 PRUNERS = ("median", "hyperband", "none")
 CPU_IMAGE_SIZE_CAP = 160
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
 CONFIG_ATTR = "autotransfer_config"
 
 # Fields that may change between runs of one study: they steer the run (budget, memory, speed),
@@ -81,6 +82,9 @@ class SearchConfig:
             _check_positive("--cache-memory", self.cache_memory)
         if self.image_size is not None:
             _check_positive("--image-size", self.image_size)
+            if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+                raise UserError(f"--image-size {self.image_size} is outside {MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE} px; give "
+                                "a crop size such as 224, or leave it out to use each backbone's pretrained size")
         if self.trials is not None:
             _check_positive("--trials", self.trials)
         if self.timeout is not None and not self.timeout > 0:

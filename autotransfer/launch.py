@@ -105,39 +105,101 @@ class LocalWorkers:
 # `python -m` (and `-c`) put the current folder first on sys.path, so a `tabulate.py` lying there would be
 # imported by the worker; drop it, so workers load installed code and explicit --plugin files only.
 WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                "from autotransfer.launch import supervised; supervised(); "
                 "from autotransfer.cli import main; sys.exit(main(sys.argv[1:]))")
+PARENT_ENV = "AUTOTRANSFER_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_supervised = False
+
+
+def supervised() -> None:
+    """In a worker started by `launch`: stop (SIGTERM, taken like Ctrl-C) when the parent dies, however it
+    dies, instead of running on unsupervised; and once the parent is gone, drop output instead of failing
+    the trial on a broken pipe."""
+    global _supervised
+    parent = int(os.environ.pop(PARENT_ENV, "0") or 0)
+    if not parent:
+        return
+    _supervised = True
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above took effect
+        sys.exit(128 + signal.SIGTERM)
+    sys.stderr = _ToParent(sys.stderr)
+
+
+def is_supervised() -> bool:
+    """Whether this process is a worker of `search --workers`, whose parent speaks for it on exit."""
+    return _supervised
+
+
+class _ToParent:
+    """stderr of a supervised worker: a pipe to the parent; writes after the parent is gone are dropped."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream, self._gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, OSError):
+                self._gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, OSError):
+                self._gone = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
-    """Start `autotransfer worker` per plan and wait; Ctrl-C is passed on once to each worker, which
-    records its running trial as interrupted and exits. Returns the exit statuses."""
+    """Start `autotransfer worker` per plan and wait. Ctrl-C or SIGTERM is passed on, once, to each worker,
+    which records its running trial as interrupted, re-queues it and exits; then the stop is re-raised.
+    A worker whose parent dies (even by SIGKILL) gets SIGTERM (`supervised`). Returns the exit statuses."""
+    from .worker import Stopped, stop_on_sigterm
+
     processes: list[subprocess.Popen] = []
     relays: list[threading.Thread] = []
-    for plan in plans:
-        env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads)}
-        if plan.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = plan.gpu
-        command = [sys.executable, "-c", WORKER_ENTRY, "worker", *worker_args, "--threads", str(plan.threads)]
-        # Own session: a terminal's Ctrl-C reaches only this process, which forwards exactly one SIGINT.
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
-        relay = threading.Thread(target=_relay, args=(process.stderr, f"[worker {plan.index}] "), daemon=True)
-        relay.start()
-        processes.append(process)
-        relays.append(relay)
+    restore = stop_on_sigterm()
     try:
+        for plan in plans:
+            env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), PARENT_ENV: str(os.getpid())}
+            if plan.gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = plan.gpu
+            command = [sys.executable, "-c", WORKER_ENTRY, "worker", *worker_args, "--threads", str(plan.threads)]
+            # Own session: a terminal's Ctrl-C reaches only this process, which forwards exactly one signal.
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True, start_new_session=True)
+            relay = threading.Thread(target=_relay, args=(process.stderr, f"[worker {plan.index}] "), daemon=True)
+            relay.start()
+            processes.append(process)
+            relays.append(relay)
         codes = [process.wait() for process in processes]
-    except KeyboardInterrupt:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the workers finish recording
-        try:
+    except KeyboardInterrupt as stop:
+        forward = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT
+        ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:  # let the workers finish recording; a second Ctrl-C does not cut that short
             for process in processes:
                 if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
+                    process.send_signal(forward)
             for process in processes:
                 process.wait()
+            for relay in relays:
+                relay.join(timeout=5)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in ignored.items():
+                signal.signal(sig, handler)
         raise
+    finally:
+        restore()
     for relay in relays:
         relay.join()
     return codes

@@ -71,13 +71,20 @@ def _row(trial: optuna.trial.FrozenTrial, test: dict | None, retries: dict[int, 
     }
 
 
+def retried_from(trial: optuna.trial.FrozenTrial) -> int:
+    """The trial this retry directly replaces. Optuna's `failed_trial` names the first of a chain of
+    retries (it is carried over); `retry_history` ends with the direct predecessor."""
+    history = trial.system_attrs.get("retry_history") or [trial.system_attrs["failed_trial"]]
+    return int(history[-1])
+
+
 def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     """Completed trials ranked by validation accuracy, then pruned, running and failed ones."""
     from .holdout import stored_score
 
     test = stored_score(study)
     trials = study.get_trials(deepcopy=False)
-    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    retries = {retried_from(t): t.number for t in trials if "failed_trial" in t.system_attrs}
     rows = [_row(t, test, retries) for t in trials]
     frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     if frame.empty:

@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -32,7 +33,7 @@ from .fastpath import CachePolicy, FitSettings, TrialCaches, default_cache_memor
 from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
-from .resilience import fit_trial, publish_best
+from .resilience import TrialTakenOver, fit_trial, publish_best
 from .space import TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
@@ -146,6 +147,51 @@ def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.devic
     return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
 
 
+PROBE_BELOW_PX = 64  # crops this small are tried through the backbone once (cheap) before any trial
+
+
+def check_takes_size(name: str, module: torch.nn.Module, size: int) -> None:
+    """One forward pass of a blank image: a crop too small for the backbone's pooling or strides is a
+    one-line error before the study starts, not a failed trial."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"backbone {name!r} cannot take {size} px crops ({detail}); give a larger --image-size")
+    finally:
+        module.train(was_training)
+
+
+def available_memory() -> int:
+    """Bytes this process can still take: MemAvailable (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def check_memory(images: int, decode_size: int, crop: int, batch_size: int, available: int) -> None:
+    """Refuse, before decoding, what cannot fit even at its floor: one decoded image (uint8 at the decode
+    size) plus one float32 input batch at the crop size. Activations come on top, so this is a lower bound:
+    it stops a crop size that would have the kernel's OOM killer end processes, not every tight fit."""
+    one_image = 3 * decode_size * decode_size
+    batch = min(batch_size, images) * 3 * crop * crop * 4
+    floor = one_image + batch
+    if floor > available:
+        raise UserError(f"{crop} px crops (decoded at {decode_size} px) need at least {floor / 2**30:.1f} GiB for "
+                        f"one image and one batch of {min(batch_size, images)}, before activations; "
+                        f"{available / 2**30:.1f} GiB is available; lower --image-size or --batch-size")
+
+
 def weights_label(request: WeightsRequest, source: str) -> str:
     """The leaderboard's `pretrained` column: what the trial actually started from."""
     if request.file:
@@ -223,11 +269,15 @@ class Search:
         self.native_size = native_size([r for i, r in enumerate(refs.refs)  # test images choose nothing, not even this
                                         if refs.splits is None or refs.splits[i] != "test"])
         decode_size = max(self.inputs_for(name).resize_size for name in self.infos)
+        check_memory(len(refs.refs), decode_size, max(self.inputs_for(name).image_size for name in self.infos),
+                     self.config.batch_size, available_memory())
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
         torch.manual_seed(self.config.seed)  # random-init templates are reproducible (and cacheable)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
-            provider_for(name, self.registries).create(name, weights_request(self.config, name))
+            backbone = provider_for(name, self.registries).create(name, weights_request(self.config, name))
+            if self.inputs_for(name).image_size < PROBE_BELOW_PX:
+                check_takes_size(name, backbone.module, self.inputs_for(name).image_size)
 
     def inputs_for(self, backbone: str) -> TrialInputs:
         """How `backbone`'s trials see the images (crop, stored size, normalisation) in this search."""
@@ -349,7 +399,14 @@ class Search:
             restore()
 
     def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
+        from .worker import DuplicateTrial, duplicate_of
+
         params = suggest(trial, self.config, lambda name: self.infos[name].num_stages, getattr(self, "kept", None))
+        same = duplicate_of(study.get_trials(deepcopy=False), trial.number, trial.params)
+        if same is not None:
+            reason = f"duplicate: the configuration of trial {same}, already finished or running; not run"
+            trial.set_user_attr("reason", reason)
+            raise DuplicateTrial(reason)
         inputs = self.inputs_for(params.backbone)
         request = weights_request(self.config, params.backbone)
         trial.set_user_attr("frozen_stages", params.frozen_stages)
@@ -362,7 +419,7 @@ class Search:
         self.lifecycle.trial_started(event)
         tracker = TrialLog(self.out / "tensorboard", trial.number)
         start = time.perf_counter()
-        state, value, model, reason, path = "FAIL", None, None, None, None
+        state, value, model, reason, path, taken = "FAIL", None, None, None, None, False
         try:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
             model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
@@ -413,17 +470,21 @@ class Search:
         except torch.cuda.OutOfMemoryError:
             reason = "oom: CUDA out of memory; lower --batch-size or --image-size"
             raise
+        except TrialTakenOver as exc:  # the storage holds its retry now: write nothing more to this trial
+            reason, taken = str(exc), True
+            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             duration = time.perf_counter() - start
             done = path.describe() if path is not None else None
-            if done is not None and done != path.note:  # what the caches did, now that it ran
-                trial.set_user_attr("cache_note", done)
-            if reason is not None:
-                trial.set_user_attr("reason", reason)
-            trial.set_user_attr("duration_s", round(duration, 3))
+            if not taken:
+                if done is not None and done != path.note:  # what the caches did, now that it ran
+                    trial.set_user_attr("cache_note", done)
+                if reason is not None:
+                    trial.set_user_attr("reason", reason)
+                trial.set_user_attr("duration_s", round(duration, 3))
             tracker.finish(_hparams(params, request.label), value, state)
             self.lifecycle.trial_finished(event, state, value, reason)
             del model, path

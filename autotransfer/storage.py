@@ -4,16 +4,27 @@ Every storage is an Optuna RDB storage (SQLite for one machine, PostgreSQL or My
 in Optuna 5 only RDB storages implement heartbeats, and without them a trial whose worker was
 killed would stay RUNNING forever. SQLite runs in WAL mode with a long busy timeout, which keeps a
 handful of local workers from tripping over its single writer lock.
+
+Optuna's check-and-set steps (a worker taking a queued trial: "WAITING? then RUNNING") rely on
+`SELECT ... FOR UPDATE`, which SQLite ignores, and Python's sqlite3 driver starts a transaction only
+at the first write, so two workers could both read WAITING and both take the trial. On SQLite every
+transaction after Optuna's set-up therefore begins with `BEGIN IMMEDIATE` (it takes the write lock up
+front), which makes those steps atomic between processes. The set-up itself (creating the tables of
+a fresh file) runs one process at a time under a file lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import optuna
+from sqlalchemy import event
 
 from .errors import UserError
 
@@ -34,15 +45,18 @@ def open_storage(url: str, heartbeat_s: int | None = DEFAULT_HEARTBEAT_S) -> opt
         raise UserError(f"--storage {url!r} is not a database URL; use sqlite:///path/study.db or "
                         "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DATABASE")
     try:
-        _sqlite_wal(url)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sqlite_setup(url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             heartbeat = {}
             if heartbeat_s is not None:
                 heartbeat = {"heartbeat_interval": heartbeat_s, "grace_period": grace_period(heartbeat_s),
                              "heartbeat_stale_trial_callback":
                                  optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)}
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **heartbeat)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **heartbeat)
+        if url.startswith("sqlite"):
+            # after Optuna's set-up, which reads on one connection while it writes on another
+            event.listen(storage.engine, "begin", _begin_immediate)
+        return storage
     except ModuleNotFoundError as exc:
         raise UserError(f"storage {shown(url)} needs the {exc.name} driver; install it with "
                         "pip install 'autotransfer[postgres]' (psycopg2) or use postgresql+psycopg://") from None
@@ -74,22 +88,35 @@ def shown(url: str) -> str:
 
 def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 120}}
+        # isolation_level None: the driver issues no BEGIN of its own; `_begin_immediate` issues ours
+        return {"connect_args": {"timeout": 120, "isolation_level": None}}
     if url.startswith("postgresql"):
         return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     return {}
 
 
-def _sqlite_wal(url: str) -> None:
-    """WAL lets readers (leaderboards, other workers' polls) run beside the one writer; it persists in the file."""
-    if not url.startswith(SQLITE_PREFIX):
-        return
-    path = url[len(SQLITE_PREFIX):]
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _sqlite_setup(url: str) -> Iterator[None]:
+    """WAL mode, and Optuna's schema set-up one process at a time: processes opening a fresh file together
+    would otherwise each create the tables ("table studies already exists"). WAL lets readers (leaderboards,
+    other workers' polls) run beside the one writer; it persists in the file."""
+    path = url[len(SQLITE_PREFIX):] if url.startswith(SQLITE_PREFIX) else ""
     if path in ("", ":memory:"):
+        yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, timeout=120)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
+    database = Path(path)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # A lock file beside it, never the database file: closing any descriptor of that file drops every POSIX
+    # lock SQLite holds on it in this process, and SQLite then deletes a WAL other processes still write to.
+    with open(database.with_name(f".{database.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        connection = sqlite3.connect(path, timeout=120)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
+        yield

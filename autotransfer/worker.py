@@ -26,7 +26,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .resilience import KEY_ATTR, CheckpointStore, checkpoint_key
+from .resilience import KEY_ATTR, CheckpointStore, TrialTakenOver, checkpoint_key
 from .storage import grace_period
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,27 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 class SurplusTrial(Exception):
     """This trial would exceed the budget; it is failed before any work."""
+
+
+class DuplicateTrial(Exception):
+    """This trial drew a configuration another trial already ran or is running; it is failed before any work."""
+
+
+DUPLICATE = "duplicate:"
+MAX_DUPLICATES = 20  # draws in a row that repeat a tried configuration: the space is exhausted
+
+
+def duplicate_of(trials: list[FrozenTrial], number: int, params: dict[str, Any]) -> int | None:
+    """The number of a trial with exactly these `params` that is finished, or live with a lower number
+    (of two workers that drew alike at once, the later trial gives way); None when there is none."""
+    now = datetime.now()
+    for other in trials:
+        if other.number == number or other.params != params:
+            continue
+        if other.state in FINISHED or (other.number < number and other.state == TrialState.RUNNING
+                                       and live(other, now, float("inf"))):
+            return other.number
+    return None
 
 
 def worker_id() -> str:
@@ -107,6 +128,7 @@ class WorkerLoop:
         self.failures = 0
         self.max_failures = max(3, self.budget or 10)
         self.stopped = False
+        self.duplicates = 0  # in a row
         self.current: int | None = None  # the trial this worker runs, for Ctrl-C
 
     def run(self) -> None:
@@ -163,8 +185,17 @@ class WorkerLoop:
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         study.set_user_attr(_elapsed_attr(), self.elapsed_before + time.monotonic() - self.started)
         reason = trial.user_attrs.get("reason", "")
-        if reason != SURPLUS:
+        if reason != SURPLUS and not reason.startswith(DUPLICATE):
             CheckpointStore.for_key(self.search.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
+        if reason.startswith(DUPLICATE):
+            self.duplicates += 1
+            self.progress.say(f"trial {trial.number} not run: {reason[len(DUPLICATE):].strip()}")
+            if self.duplicates >= MAX_DUPLICATES:
+                self.progress.say(f"stopping: {self.duplicates} draws in a row repeated configurations already "
+                                  "tried; the search space looks exhausted (widen it, or lower --trials)")
+                self.stopped = True
+            return
+        self.duplicates = 0
         if trial.state == TrialState.FAIL:
             if reason == SURPLUS:
                 self.progress.say(f"trial {trial.number} not run: the budget is full")
@@ -210,11 +241,12 @@ def fail_stale(study: optuna.Study) -> None:
 
 
 class _QuietExpectedFailures(logging.Filter):
-    """Optuna logs every failed trial with its traceback; a surplus or interrupted trial is no error."""
+    """Optuna logs every failed trial with its traceback; a surplus, duplicate, interrupted or taken-over
+    trial is no error (the worker says what happened in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (SurplusTrial, KeyboardInterrupt))
+        return not isinstance(error, (SurplusTrial, DuplicateTrial, KeyboardInterrupt, TrialTakenOver))
 
 
 def quiet_expected_failures() -> None:
@@ -224,15 +256,30 @@ def quiet_expected_failures() -> None:
             handler.addFilter(_QuietExpectedFailures())
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (Slurm preemption, Kubernetes eviction, a parent that is stopping) taken like Ctrl-C: the
+    running trial is recorded as interrupted and re-queued. `signum` gives the exit status, 128 + signum."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_status(stop: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM: what a shell reports for a process those signals ended."""
+    return 128 + int(getattr(stop, "signum", signal.SIGINT))
+
+
 def stop_on_sigterm() -> Callable[[], None]:
-    """SIGTERM (Slurm preemption, Kubernetes eviction) stops like Ctrl-C: the trial is recorded as
-    interrupted and re-queued. Returns a function restoring the previous handler."""
+    """SIGTERM stops like Ctrl-C (raises `Stopped`), once: later ones are ignored, so a repeated signal
+    cannot cut short the recording of the interrupted trial (a parent-death signal can arrive once per
+    thread). Returns a function restoring the previous handler."""
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (e.g. inside a test runner's thread): leave it
         return lambda: None
     return lambda: signal.signal(signal.SIGTERM, previous)
-

@@ -189,6 +189,135 @@ def test_a_search_that_lost_the_creation_race_is_refused(tmp_path):
     assert stored["epochs"] == 2
 
 
+def _open_fresh(url: str, barrier, results) -> None:
+    from autotransfer.errors import UserError
+    from autotransfer.storage import open_storage
+
+    barrier.wait()
+    try:
+        open_storage.__wrapped__(url, None)  # not the parent's cached engine: a process of its own
+        results.put("ok")
+    except UserError as exc:
+        results.put(str(exc))
+
+
+def test_processes_opening_a_fresh_sqlite_file_together_all_succeed(tmp_path):
+    """Each used to create Optuna's tables itself: "table studies already exists" or "database is locked",
+    reported as "check the URL ... server is running". Schema set-up now runs one process at a time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(4):
+        url = f"sqlite:///{tmp_path / f'fresh-{round_}.db'}"
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_open_fresh, args=(url, barrier, results)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join()
+        assert outcomes == ["ok"] * 4, outcomes
+
+
+def _claim(url: str, trial_ids: list[int], barrier, results) -> None:
+    from autotransfer.storage import open_storage
+
+    storage = open_storage.__wrapped__(url, None)
+    for trial_id in trial_ids:
+        barrier.wait()
+        results.put(storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING))
+
+
+def test_a_queued_trial_on_sqlite_is_taken_by_one_worker_only(tmp_path):
+    """Optuna takes a queued trial with "WAITING? then RUNNING" under SELECT ... FOR UPDATE, which SQLite
+    ignores: 4 processes racing for each of 20 queued trials used to win ~3 claims per trial, so workers
+    ran the same trial twice and crashed on "Cannot tell a COMPLETE trial"."""
+    import multiprocessing
+
+    from autotransfer.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    study = optuna.create_study(storage=open_storage(url, None), study_name="queue")
+    for i in range(20):
+        study.enqueue_trial({"x": i})
+    trial_ids = [t._trial_id for t in study.get_trials()]
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_claim, args=(url, trial_ids, barrier, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    claims = [results.get(timeout=120) for _ in range(4 * len(trial_ids))]
+    for process in processes:
+        process.join()
+    assert sum(claims) == len(trial_ids)
+
+
+def test_a_configuration_already_finished_is_not_run_again(tmp_path, capsys):
+    out = tmp_path / "dup"
+    assert main(["search", *TINY, "--trials", "1", "--out", str(out)]) == 0
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="digits-0-2", storage=storage)
+    first = study.trials[0]
+    study.enqueue_trial(first.params)  # as a worker with the same sampler seed would draw it
+    assert main(["search", *TINY, "--trials", "2", "--out", str(out)]) == 0
+    trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
+    skipped = [t for t in trials if t.user_attrs.get("reason", "").startswith("duplicate")]
+    assert [t.number for t in skipped] == [1] and skipped[0].state == optuna.trial.TrialState.FAIL
+    assert "configuration of trial 0" in skipped[0].user_attrs["reason"]
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 2 and finished[0].params != finished[1].params
+
+
+def test_a_draw_equal_to_a_running_trial_gives_way_to_the_earlier_one():
+    from datetime import datetime
+
+    from autotransfer.worker import WORKER_ATTR, duplicate_of
+
+    def _frozen(number: int, state, x: float) -> optuna.trial.FrozenTrial:
+        return optuna.trial.FrozenTrial(number=number, state=state, value=None, datetime_start=datetime.now(),
+                                        datetime_complete=None, params={"x": x},
+                                        distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                        user_attrs={WORKER_ATTR: "h:1"}, system_attrs={}, intermediate_values={},
+                                        trial_id=number)
+
+    RUNNING, COMPLETE, FAIL = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
+                               optuna.trial.TrialState.FAIL)
+    trials = [_frozen(0, FAIL, 0.1), _frozen(1, RUNNING, 0.2), _frozen(2, RUNNING, 0.2), _frozen(3, COMPLETE, 0.3)]
+    assert duplicate_of(trials, 2, {"x": 0.2}) == 1  # the later of two equal running draws gives way
+    assert duplicate_of(trials, 1, {"x": 0.2}) is None  # the earlier one runs
+    assert duplicate_of(trials, 4, {"x": 0.3}) == 3  # finished
+    assert duplicate_of(trials, 4, {"x": 0.1}) is None  # a failed trial's configuration may be retried
+
+
+@pytest.mark.parametrize("size, needle", [("100000", "--image-size 100000 is outside 8-2048 px"),
+                                           ("0", "--image-size must be a positive integer")])
+def test_an_image_size_no_backbone_can_use_is_refused_before_anything_runs(tmp_path, capsys, size, needle):
+    out = tmp_path / "huge"
+    args = [a for a in TINY if a not in ("--image-size", "16")]
+    assert main(["search", *args, "--image-size", size, "--trials", "1", "--out", str(out)]) == 2
+    assert needle in one_line(capsys)
+    assert not (out / "study.db").exists()
+
+
+def test_a_crop_the_backbone_cannot_take_is_one_line(tmp_path, capsys):
+    """A pooling window larger than the feature map: refused before the study starts, not a failed trial."""
+    from autotransfer.search import check_takes_size
+
+    with pytest.raises(Exception, match="cannot take 8 px crops"):
+        check_takes_size("pool8", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AvgPool2d(8)), 8)
+    check_takes_size("pool8", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AvgPool2d(8)), 32)
+
+
+def test_the_memory_floor_is_checked_before_decoding():
+    from autotransfer.errors import UserError
+    from autotransfer.search import check_memory
+
+    check_memory(1000, 256, 224, 32, available=8 << 30)
+    with pytest.raises(UserError, match=r"need at least 18\.0 GiB for one image and one batch of 384, before "
+                                        r"activations; 8\.0 GiB is available; lower --image-size or --batch-size"):
+        check_memory(1000, 2048, 2048, 384, available=8 << 30)
+
+
 @pytest.mark.slow
 def test_local_workers_do_not_import_modules_from_the_current_folder(tmp_path, monkeypatch):
     marker = tmp_path / "imported-by-worker"
@@ -224,14 +353,44 @@ def test_a_trial_failed_by_the_heartbeat_check_says_so(tmp_path):
     assert reasons[lonely.number].startswith("heartbeat:") and reasons[retry.number] == ""
 
 
+def test_a_retry_of_a_retry_is_named_by_its_direct_predecessor(tmp_path):
+    """Optuna carries `failed_trial` (the first of the chain) over to every retry; the leaderboard must say
+    which trial retried which: 0 -> 1 -> 2, not 0 -> 2."""
+    from autotransfer.leaderboard import leaderboard_frame
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    first, second = study.ask(), None
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    second = study.ask()
+    study._storage.set_trial_system_attr(second._trial_id, "failed_trial", 0)
+    study._storage.set_trial_system_attr(second._trial_id, "retry_history", [0])
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    third = study.ask()
+    study._storage.set_trial_system_attr(third._trial_id, "failed_trial", 0)
+    study._storage.set_trial_system_attr(third._trial_id, "retry_history", [0, 1])
+    study.tell(third, 0.5)
+    reasons = leaderboard_frame(study).set_index("trial")["reason"]
+    assert reasons[0].endswith("retried as trial 1") and reasons[1].endswith("retried as trial 2"), reasons
+
+
 def test_a_worker_whose_trial_was_taken_over_drops_it_and_goes_on(tmp_path, capsys):
+    import logging
+
     plugin = Path(__file__).parent / "plugin_examples" / "takeover_plugin.py"
     out = tmp_path / "late"
-    assert main(["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
-                 "--image-size", "16", "--epochs", "3", "--trials", "1", "--pruner", "none", "--frozen-stages", "0",
-                 "--device", "cpu", "--plugin", str(plugin), "--out", str(out)]) == 0
+    printed: list[logging.LogRecord] = []  # what Optuna's handlers would print, after the worker's filters
+    handler = logging.Handler()
+    handler.emit = printed.append
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        assert main(["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
+                     "--image-size", "16", "--epochs", "3", "--trials", "1", "--pruner", "none", "--frozen-stages",
+                     "0", "--device", "cpu", "--plugin", str(plugin), "--out", str(out)]) == 0
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
     err = capsys.readouterr().err
     assert "trial 0 was taken over by another worker" in err and "Traceback" not in err
+    assert not [r for r in printed if r.exc_info], [r.getMessage() for r in printed]
     trials = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").get_trials()
     first, retry = trials
     assert first.state == optuna.trial.TrialState.FAIL and first.intermediate_values.keys() == {1}

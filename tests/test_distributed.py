@@ -342,6 +342,62 @@ def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monke
     assert retry.user_attrs.get("reason", "") == ""
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def worker_pids(storage: str, study: str) -> set[int]:
+    return {int(t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1]) for t in load(storage, study).get_trials()
+            if WORKER_ATTR in t.user_attrs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "parent-killed"])
+def test_stopping_search_with_workers_interrupts_and_requeues_every_running_trial(tmp_path, monkeypatch, stop):
+    """SIGTERM to `search --workers 2` (with progress output) forwards it like Ctrl-C; a parent killed outright
+    (with --quiet, nothing to break a pipe) still stops its workers. Either way the running trials are
+    recorded as interrupted and re-queued, and the same command finishes the budget."""
+    monkeypatch.setenv("SLOW_EPOCH_S", "1.5")  # longer than a poll of the storage takes under load
+    out = tmp_path / "t"
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    tiny = [a for a in TINY if a != "--quiet"] + (["--quiet"] if stop == "parent-killed" else [])
+    args = ["search", *tiny, "--epochs", "4", "--trials", "3", "--pruner", "none", "--out", str(out),
+            "--workers", "2", "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
+    process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: out.joinpath("run.json").exists()
+                 and running_with_checkpoint(storage, "digits", out, 4, need_complete=False), process)
+        pids = worker_pids(storage, "digits")
+        process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+        _, err = process.communicate(timeout=300)
+        wait_for(lambda: all(gone(pid) for pid in pids), limit=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    if stop == "sigterm":
+        assert process.returncode == 143, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("autotransfer: stopped by SIGTERM; finished trials are kept"), err
+        assert sum("stopped by SIGTERM" in line for line in err.splitlines()) == 1, err
+    trials = load(storage, "digits").get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted and all(t.user_attrs["reason"].startswith("interrupted") for t in interrupted)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs[KEY_ATTR] for t in waiting) == sorted(t.user_attrs[KEY_ATTR] for t in interrupted)
+    assert all((out / "checkpoints" / f"trial-{t.user_attrs[KEY_ATTR]}" / "state.pt").is_file()
+               for t in interrupted if t.user_attrs.get("epochs_done", 0) >= 1)
+
+    assert main(args) == 0
+    check_study(storage, "digits", out, trials=3)
+
+
 @pytest.mark.slow
 def test_out_of_memory_retries_at_half_batch_then_fails_as_oom(tmp_path, monkeypatch):
     monkeypatch.setenv("OOM_ALWAYS_TRIALS", "0")
