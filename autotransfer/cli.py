@@ -39,6 +39,13 @@ def _search_parser(sub) -> None:
     p.add_argument("--head-dropout", help="LOW:HIGH or a value (default 0:0.5)")
     p.add_argument("--lr", help="LOW:HIGH log-uniform, or a value (default 1e-5:1e-1)")
     p.add_argument("--optimizers", type=c.parse_list, help=f"comma list of {','.join(c.OPTIMIZERS)} (default adam,rmsprop)")
+    p.add_argument("--head-init", dest="head_inits", type=c.parse_list,
+                   help=f"comma list of {','.join(c.HEAD_INITS)}: how a linear head on trainable stages starts; "
+                        "probe = the converged logistic-regression probe of the frozen backbone (LP-FT) "
+                        f"(default {','.join(c.HEAD_INITS)})")
+    p.add_argument("--portfolio", action=argparse.BooleanOptionalAction,
+                   help="open a new study with the recipes known to work, per backbone, cheapest first: the "
+                        "linear probe, LP-FT and a full fine-tune; the sampler takes over after them (default on)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default 5)")
     p.add_argument("--batch-size", type=int, help="default 32")
     p.add_argument("--image-size", type=int, help=f"crop size (default: the backbone's, at most {c.CPU_IMAGE_SIZE_CAP} on CPU)")
@@ -190,7 +197,7 @@ def _search(args: argparse.Namespace) -> int:
 
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
-                                      "optimizers", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
+                                      "optimizers", "head_inits", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
                                       "seed",
                                       "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
                                       "compile") if k in given}

@@ -16,6 +16,7 @@ HEAD_HIDDEN = (128, 256, 512)
 OPTIMIZERS = ("adam", "rmsprop", "adamw", "sgd")
 DEFAULT_OPTIMIZERS = ("adam", "rmsprop")
 PRUNERS = ("median", "hyperband", "none")
+HEAD_INITS = ("random", "probe")  # a linear head on trainable stages starts at random or from the probe (LP-FT)
 CPU_IMAGE_SIZE_CAP = 160
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
 CONFIG_ATTR = "autotransfer_config"
@@ -39,6 +40,8 @@ class SearchConfig:
     head_dropout: tuple[float, float] = (0.0, 0.5)
     lr: tuple[float, float] = (1e-5, 1e-1)
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
+    head_inits: list[str] = field(default_factory=lambda: list(HEAD_INITS))
+    portfolio: bool = True  # a new study opens with the probe, LP-FT and fine-tune of each backbone
     epochs: int = 5
     batch_size: int = 32
     image_size: int | None = None
@@ -73,6 +76,7 @@ class SearchConfig:
             raise UserError("--backbones is empty; give at least one timm model name")
         _check_subset("--heads", self.heads, HEADS)
         _check_subset("--optimizers", self.optimizers, OPTIMIZERS)
+        _check_subset("--head-init", self.head_inits, HEAD_INITS)
         if self.pruner not in PRUNERS:
             raise UserError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
         _check_positive("--epochs", self.epochs)

@@ -29,9 +29,11 @@ from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel,
                        verified_boundary)
 from .data import ImageSet, eval_transform, to_device, train_transform
 from .features import FeatureCache, extract, fingerprint, images_digest, tensors_digest
+from .probe import Probe, fit_probe
 from .train_state import TrainState
 from .trainer import (EpochStats, Trainee, TrialInputs, autocast_for, feature_batches, fit, memory_format,
-                      eval_batch, rows_accuracy, train, train_on_features, wants_channels_last)
+                      eval_batch, probe_on_features, rows_accuracy, train, train_on_features,
+                      wants_channels_last)
 
 DEFAULT_VIEWS = 2
 GiB = 1 << 30
@@ -76,6 +78,7 @@ class FitSettings:
     accumulation: int = 1  # micro-batches per batch (the out-of-memory retry uses 2)
     resume: TrainState | None = None  # continue after this checkpoint's epoch
     on_checkpoint: Callable[[TrainState], None] | None = None  # gets the state after every epoch
+    probe: bool = False  # fully frozen linear head: fit it to convergence (probe.py), not for `epochs`
 
     def kwargs(self) -> dict:
         return {"optimizer_name": self.optimizer_name, "lr": self.lr, "epochs": self.epochs,
@@ -146,6 +149,8 @@ class TrialCaches:
              inputs: TrialInputs, frozen_stages: int, num_stages: int, settings: FitSettings) -> TrialPath:
         """Pick the path for a TransferModel with `frozen_stages` of `num_stages` frozen; `identity`
         names its backbone weights (same identity, same frozen tensors)."""
+        if settings.probe:  # a probe is defined on pooled features, cached or not
+            return self._features_path(model, identity, train_set, val_set, inputs, settings)
         if not self.policy.enabled or frozen_stages == 0:
             return plain_path(model, train_set, val_set, inputs, settings,
                               "" if self.policy.enabled else "cache off (--no-cache)")
@@ -166,7 +171,7 @@ class TrialCaches:
                   device: torch.device):
         weights = self._digest(("weights", identity), None, lambda: tensors_digest(model.backbone))
         pixels = self._digest(("images", id(images)), images, lambda: images_digest(images))
-        cache = FeatureCache(self.policy.folder) if self.policy.folder is not None else None
+        cache = FeatureCache(self.policy.folder) if self.policy.folder is not None and self.policy.enabled else None
         return extract(model.backbone, None, images, inputs, device, cache, key=fingerprint(weights, pixels, inputs),
                        meta={"backbone": str(identity)})
 
@@ -176,12 +181,31 @@ class TrialCaches:
         val_found = self._features(model, identity, val_set, inputs, settings.device)
         note = f"features: train {_origin(train_found)}, val {_origin(val_found)}"
 
+        if settings.probe:
+            note += "; head: logistic-regression probe, C by CV on train"
+
         def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
+            if settings.probe:
+                return probe_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
+                                         torch.from_numpy(val_found.features), val_set.labels, seed=settings.seed,
+                                         device=settings.device, on_epoch=on_epoch)
             return train_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
                                      torch.from_numpy(val_found.features), val_set.labels, on_epoch=on_epoch,
                                      **settings.kwargs())
         spent = sum(found.seconds for found in (train_found, val_found) if not found.cached)
         return TrialPath("features", run, settings, note, cache_seconds=lambda: spent)
+
+    def probe_head(self, model: nn.Module, identity: Hashable, train_set: ImageSet, inputs: TrialInputs,
+                   device: torch.device, seed: int) -> Probe:
+        """LP-FT: the probe of the backbone as it starts (its pretrained weights), fitted on the pooled
+        features of the clean training crops (the feature cache a probe trial of it filled), loaded
+        into `model.head`. Returns the fitted probe."""
+        training = model.training
+        found = self._features(model, identity, train_set, inputs, device)  # runs the backbone in eval mode
+        model.train(training)
+        fitted = fit_probe(found.features, train_set.labels.numpy(), model.head.out_features, seed)
+        fitted.load_into(model.head)
+        return fitted
 
     # -- partly frozen
     def _boundary_path(self, model, identity, train_set, val_set, inputs, settings) -> TrialPath:

@@ -76,19 +76,22 @@ def fingerprint(weights_digest: str, data_digest: str, inputs: TrialInputs) -> s
 HEAD_BATCH = 1024  # rows of pooled features through a linear head: any batch is cheap
 
 
-@torch.inference_mode()
 def forward_features(backbone: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device) -> np.ndarray:
-    """Pooled features for every image, in order, in eval mode (the batches and layout `infer` uses)."""
+    """Pooled features for every image, in order, in eval mode (the batches and layout `infer` uses).
+    The module is moved and re-laid-out outside inference mode: its parameters must stay trainable (LP-FT
+    goes on to train the backbone whose features fitted its head)."""
     backbone = backbone.to(device).eval()
     layout = wants_channels_last(backbone, device)
     if layout:
         backbone.to(memory_format=torch.channels_last)
     autocast, _ = autocast_for(device)
     features = []
-    for batch, _ in images.batches(eval_batch(device), shuffle=False, device=device):
-        with autocast():
-            pooled = backbone(memory_format(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std), layout))
-        features.append(pooled.float().cpu())
+    with torch.inference_mode():
+        for batch, _ in images.batches(eval_batch(device), shuffle=False, device=device):
+            with autocast():
+                pooled = backbone(memory_format(eval_transform(batch, inputs.image_size, inputs.mean, inputs.std),
+                                                layout))
+            features.append(pooled.float().cpu())
     return torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 COLUMNS = [
     "rank", "trial", "state", "val_accuracy", "test_accuracy", "backbone", "pretrained", "frozen_stages", "num_stages",
-    "head", "head_hidden", "head_dropout", "lr", "optimizer", "epochs", "trainable_params", "total_params",
+    "head", "head_hidden", "head_dropout", "head_init", "lr", "optimizer", "epochs", "trainable_params", "total_params",
     "duration_s", "image_size", "cache", "reason",
 ]
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
@@ -59,6 +59,7 @@ def _row(trial: optuna.trial.FrozenTrial, test: dict | None, retries: dict[int, 
         "head": head,
         "head_hidden": params.get("head_hidden") if head == "mlp" else None,
         "head_dropout": params.get("head_dropout", attrs.get("head_dropout")) if head == "mlp" else None,
+        "head_init": attrs.get("head_init"),  # probe: the converged probe (whole backbone frozen) or LP-FT's start
         "lr": params.get("lr", attrs.get("lr")),
         "optimizer": params.get("optimizer"),
         "epochs": attrs.get("epochs_done", len(trial.intermediate_values)),

@@ -29,15 +29,24 @@ class TransferModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self._frozen: list[nn.Module] = []
+        self._kept_statistics: list[nn.Module] = []
 
     def freeze_stages(self, stages: list[list[str]], k: int) -> None:
         freeze(self.backbone, stages, k)
         self._frozen = frozen_submodules(self.backbone)
         self.train(self.training)
 
+    def keep_norm_statistics(self) -> None:
+        """Every BatchNorm of the backbone keeps its running statistics while training too (its affine
+        weights still train). LP-FT needs this: its head was fitted to features made with those statistics,
+        and batch statistics of small batches of a new domain change them completely."""
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._kept_statistics = norms
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "TransferModel":
         super().train(mode)
-        for module in self._frozen:
+        for module in [*self._frozen, *self._kept_statistics]:
             module.eval()
         return self
 

@@ -34,7 +34,7 @@ from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
-from .space import TrialParams, first_trial, suggest
+from .space import TrialParams, first_trial, portfolio, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 ELAPSED_ATTR = "autotransfer_elapsed_s"
 PRERANK_ATTR = "autotransfer_prerank"
+PORTFOLIO_ATTR = "portfolio"  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
 RUN_FILE = "run.json"
 CONFIG_WAIT_S = 30.0  # how long a joining process waits for the creator to store the configuration
 BEST_DIR = "best"
@@ -223,8 +224,13 @@ class Progress:
 
     def trial_started(self, number: int, params: TrialParams) -> None:
         head = params.head.kind + (f"({params.head.hidden}, p={params.head.dropout:.2f})" if params.head.kind == "mlp" else "")
+        if params.probe:
+            self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
+                     "head linear: logistic-regression probe (C by CV on train)")
+            return
+        start = " from the probe (LP-FT)" if params.head_init == "probe" else ""
         self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
-                 f"head {head} {params.optimizer} lr {params.lr:.2e}")
+                 f"head {head}{start} {params.optimizer} lr {params.lr:.2e}")
 
     def path(self, number: int, mode: str, note: str) -> None:
         self.say(f"  trial {number}: {mode} path" + (f" ({note})" if note else ""))
@@ -245,6 +251,8 @@ class Search:
     infos: dict[str, BackboneInfo] = field(init=False, default_factory=dict)
     data: PreparedData | None = field(init=False, default=None)
     test_refs: tuple[list[ImageRef], np.ndarray | None] = field(init=False, default=((), None))  # undecoded test split
+    created_study: bool = field(init=False, default=False)  # this process created the study (and opens it)
+    sources: dict[str, str] = field(init=False, default_factory=dict)  # where each backbone's weights came from
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.options.device)
@@ -276,6 +284,7 @@ class Search:
         torch.manual_seed(self.config.seed)  # random-init templates are reproducible (and cacheable)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
             backbone = provider_for(name, self.registries).create(name, weights_request(self.config, name))
+            self.sources[name] = backbone.source
             if self.inputs_for(name).image_size < PROBE_BELOW_PX:
                 check_takes_size(name, backbone.module, self.inputs_for(name).image_size)
 
@@ -297,6 +306,7 @@ class Search:
                 created = False
         except Exception as exc:
             raise UserError(f"cannot open storage {self.options.storage!r}: {type(exc).__name__}: {exc}") from None
+        self.created_study = created
         if not created:
             self._check_against(study)
         study.sampler = self._sampler(previous_trials=len(study.trials) + self.options.sampler_salt)
@@ -344,6 +354,8 @@ class Search:
         study = self.open_study()
         progress = Progress(self.options.quiet, self.config.trials)
         self.kept = self.prerank(study, progress) if self.config.prerank else None
+        if self.created_study and self.config.portfolio:
+            self.open_with_portfolio(study, progress)
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         elapsed_before = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
         timeout = None if self.config.timeout is None else self.config.timeout - elapsed_before
@@ -383,10 +395,31 @@ class Search:
         progress.say(f"keeping the top {len(kept)} by {by}: {', '.join(kept)}")
         study.set_user_attr(PRERANK_ATTR, {"by": by, "scorers": names, "kept": kept,
                                            "table": json.loads(frame.to_json(orient="records"))})
-        if not study.trials:
+        if not study.trials and not self.config.portfolio:
             for name in kept:
                 study.enqueue_trial(first_trial(self.config, name, self.infos[name].num_stages), skip_if_exists=True)
         return kept
+
+    def open_with_portfolio(self, study: optuna.Study, progress: Progress) -> None:
+        """Queue the recipes known to work (space.portfolio) for every candidate, cheapest kind first:
+        the probes, then LP-FT, then the fine-tunes. Only the process that created the study does this,
+        and the queue lives in the study, so a resumed study or a joining worker never replays it."""
+        kinds: dict[str, list[dict]] = {"probe": [], "lp-ft": [], "fine-tune": []}
+        for name in self.kept or self.config.backbones:
+            pretrained = self.sources.get(name, RANDOM_WEIGHTS) != "random init"  # as created, plugins included
+            for kind, params in portfolio(self.config, name, self.infos[name].num_stages, pretrained).items():
+                kinds[kind].append(params)
+        queue = [(kind, params) for kind, group in kinds.items() for params in group]
+        cut = queue[self.config.trials:] if self.config.trials is not None else []
+        queue = queue[:self.config.trials] if self.config.trials is not None else queue  # never past the budget
+        for kind, params in queue:
+            study.enqueue_trial(params, user_attrs={PORTFOLIO_ATTR: kind}, skip_if_exists=True)
+        if queue:
+            counts = {kind: sum(k == kind for k, _ in queue) for kind in kinds}
+            progress.say(f"opening with {len(queue)} known recipe(s): " +
+                         ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) +
+                         (f" ({len(cut)} more left out: --trials {self.config.trials})" if cut else
+                          "; then the sampler") + " (--no-portfolio to start with the sampler)")
 
     def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
         from .worker import WorkerLoop, quiet_expected_failures, stop_on_sigterm
@@ -413,6 +446,7 @@ class Search:
         trial.set_user_attr("num_stages", params.num_stages)
         trial.set_user_attr("pretrained", request.label)
         trial.set_user_attr("image_size", inputs.image_size)
+        trial.set_user_attr("head_init", params.head_init)
         progress.trial_started(trial.number, params)
         event = TrialEvent(self.options.study_name, self.options.storage, trial.number,
                            _hparams(params, request.label), self.out)
@@ -428,19 +462,27 @@ class Search:
             trial.set_user_attr("total_params", total)
             trial.set_user_attr("weights_source", backbone.source)
             trial.set_user_attr("pretrained", weights_label(request, backbone.source))
+            if params.head_init == "probe" and not params.probe:  # LP-FT: start from the frozen backbone's probe
+                fitted = self.caches.probe_head(model, (params.backbone, request),
+                                                self.data.train.at_size(inputs.resize_size), inputs, self.device,
+                                                self.config.seed)
+                trial.set_user_attr("probe_c", fitted.c)
+                model.keep_norm_statistics()  # the probe was fitted to features made with them
 
             def on_epoch(stats: EpochStats) -> None:
                 tracker.epoch(stats)
                 trial.set_user_attr("epochs_done", stats.epoch)
-                trial.report(stats.val_accuracy, stats.epoch)
-                progress.epoch(trial.number, stats, self.config.epochs, _best_value(study))
+                if not params.probe:  # a probe converges in one step: nothing to compare with others' epochs
+                    trial.report(stats.val_accuracy, stats.epoch)
+                progress.epoch(trial.number, stats, 1 if params.probe else self.config.epochs, _best_value(study))
                 self.lifecycle.epoch_ended(event, stats)
-                if trial.should_prune():
+                if not params.probe and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
                                              f"with val_acc {stats.val_accuracy:.4f}")
 
             settings = FitSettings(params.optimizer, params.lr, self.config.epochs, self.config.batch_size, self.device,
-                                   self.config.seed + trial.number, self.config.compile)
+                                   self.config.seed + trial.number, self.config.compile,
+                                   probe=params.probe)
             path = self.caches.plan(model, (params.backbone, request), self.data.train.at_size(inputs.resize_size),
                                     self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
                                     params.num_stages, settings)
@@ -562,5 +604,5 @@ def _hparams(params: TrialParams, pretrained: str) -> dict:
     return {
         "backbone": params.backbone, "pretrained": pretrained, "frozen_stages": params.frozen_stages,
         "head": params.head.kind, "head_hidden": params.head.hidden or 0, "head_dropout": params.head.dropout,
-        "lr": params.lr, "optimizer": params.optimizer,
+        "lr": params.lr, "optimizer": params.optimizer, "head_init": params.head_init,
     }

@@ -19,6 +19,16 @@ class TrialParams:
     head: HeadConfig
     lr: float
     optimizer: str
+    head_init: str = "random"  # "probe": the linear head starts from the frozen backbone's probe (LP-FT)
+
+    @property
+    def probe(self) -> bool:
+        """Whole backbone frozen, linear head: the head is the converged probe; no lr, no optimizer."""
+        return self.frozen_stages >= self.num_stages and self.head.kind == "linear"
+
+
+PROBE_OPTIMIZER = "lbfgs"  # what a probe trial's head is solved with (recorded, not sampled)
+LP_FT_LR, FT_LR = 1e-4, 1e-3  # the portfolio's learning rates: low after a probe start, moderate from random
 
 
 def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str], int],
@@ -36,12 +46,17 @@ def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str
         frozen = resolve_stage(trial.suggest_categorical("frozen_stages", tokens), stages)
     kind = trial.suggest_categorical("head", config.heads)
     head = HeadConfig(kind)
+    if frozen >= stages and kind == "linear":  # the probe: nothing else to choose
+        return TrialParams(backbone, frozen, stages, head, 0.0, PROBE_OPTIMIZER, "probe")
+    head_init = "random"
     if kind == "mlp":
         hidden = trial.suggest_categorical("head_hidden", config.head_hidden)
         head = HeadConfig(kind, hidden, _suggest_float(trial, "head_dropout", config.head_dropout))
+    elif frozen < stages:
+        head_init = trial.suggest_categorical("head_init", config.head_inits)
     lr = _suggest_float(trial, "lr", config.lr, log=True)
     optimizer = trial.suggest_categorical("optimizer", config.optimizers)
-    return TrialParams(backbone, frozen, stages, head, lr, optimizer)
+    return TrialParams(backbone, frozen, stages, head, lr, optimizer, head_init)
 
 
 def _suggest_float(trial: optuna.Trial, name: str, bounds: tuple[float, float], log: bool = False) -> float:
@@ -74,3 +89,54 @@ def first_trial(config: SearchConfig, backbone: str, stages: int) -> dict:
         params["lr"] = min(max(1e-3, low), high)
     params["optimizer"] = "adam" if "adam" in config.optimizers else config.optimizers[0]
     return params
+
+
+def _frozen_value(config: SearchConfig, stages: int, target: int) -> int | str | None:
+    """The allowed frozen-stages value (as the space stores it) nearest to `target`; None if none is."""
+    mode, tokens = parse_frozen_spec(config.frozen_stages)
+    if mode == "range":
+        high = resolve_stage(tokens[1], stages)
+        low = min(resolve_stage(tokens[0], stages), high)
+        return min(max(target, low), high)
+    return min(tokens, key=lambda t: (abs(resolve_stage(t, stages) - target), resolve_stage(t, stages)))
+
+
+def _resolved(value: int | str, stages: int) -> int:
+    return value if isinstance(value, int) else resolve_stage(value, stages)
+
+
+def _lr(config: SearchConfig, target: float) -> dict:
+    low, high = config.lr
+    return {} if low == high else {"lr": min(max(target, low), high)}
+
+
+def portfolio(config: SearchConfig, backbone: str, stages: int, pretrained: bool) -> dict[str, dict]:
+    """The recipes known to work for one backbone, inside the configured space, cheapest first:
+    `probe` (whole backbone frozen, the converged logistic-regression head), `lp-ft` (the head starts
+    from that probe, the last half of the stages fine-tuned at a low lr: Kumar et al., ICLR 2022) and
+    `fine-tune` (every allowed stage trained from a random head at a moderate lr: the seed recipe).
+    A random-init backbone gets only the fine-tune: its probe and LP-FT start from noise. Recipes the
+    space rules out (no linear head, no fully frozen value, ...) are left out."""
+    optimizer = "adam" if "adam" in config.optimizers else config.optimizers[0]
+    recipes: dict[str, dict] = {}
+    linear = "linear" in config.heads
+    if pretrained and linear:
+        frozen = _frozen_value(config, stages, stages)
+        if frozen is not None and _resolved(frozen, stages) >= stages:
+            recipes["probe"] = {"backbone": backbone, "frozen_stages": frozen, "head": "linear"}
+        half = _frozen_value(config, stages, stages // 2)
+        if "probe" in config.head_inits and half is not None and _resolved(half, stages) < stages:
+            recipes["lp-ft"] = {"backbone": backbone, "frozen_stages": half, "head": "linear", "head_init": "probe",
+                                **_lr(config, LP_FT_LR), "optimizer": optimizer}
+    least = _frozen_value(config, stages, 0)
+    if least is not None and _resolved(least, stages) < stages:
+        head = "linear" if linear else config.heads[0]
+        recipe = {"backbone": backbone, "frozen_stages": least, "head": head}
+        if head == "linear":
+            recipe["head_init"] = "random" if "random" in config.head_inits else config.head_inits[0]
+        else:
+            recipe["head_hidden"] = config.head_hidden[0]
+            if config.head_dropout[0] != config.head_dropout[1]:
+                recipe["head_dropout"] = config.head_dropout[0]
+        recipes["fine-tune"] = {**recipe, **_lr(config, FT_LR), "optimizer": optimizer}
+    return recipes

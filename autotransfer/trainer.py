@@ -334,3 +334,24 @@ def train_on_features(model: nn.Module, train_features: torch.Tensor, train_labe
                seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation, resume=resume,
                on_checkpoint=on_checkpoint, state_module=model)
 
+
+
+def probe_on_features(model: nn.Module, train_features: torch.Tensor, train_labels: torch.Tensor,
+                      val_features: torch.Tensor, val_labels: torch.Tensor, *, seed: int, device: torch.device,
+                      on_epoch: Callable[[EpochStats], None] = lambda stats: None) -> list[EpochStats]:
+    """The fully frozen path with a linear head: the head is the converged logistic-regression probe of
+    `probe.fit_probe` (C by CV on train alone), one step instead of `epochs` passes of a sampled optimizer."""
+    from .probe import fit_probe
+
+    start = time.perf_counter()
+    head = model.head
+    fitted = fit_probe(train_features.numpy(), train_labels.numpy(), head.out_features, seed)
+    fitted.load_into(head)
+    head.to(device)
+    with torch.no_grad():
+        logits = head(to_device(train_features.float(), device))
+        loss = float(nn.functional.cross_entropy(logits, to_device(train_labels, device)))
+    accuracy = rows_accuracy(head, val_features.float(), val_labels, device)
+    stats = EpochStats(1, loss, accuracy, 0.0, time.perf_counter() - start, fitted.seconds)
+    on_epoch(stats)
+    return [stats]

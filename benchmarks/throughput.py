@@ -287,7 +287,9 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
                 frozen_stages: str | None, seeds: list[int], work: Path, device: str) -> list[dict]:
     """Per seed: the uncached search (seeded TPE), the cached search on exactly its trial
     configurations (`same-trials`: what caching changes, trajectory held fixed), and the cached
-    search choosing its own (`own-search`: what a user sees, trajectory free to differ)."""
+    search choosing its own (`own-search`: what a user sees, trajectory free to differ). The opening
+    portfolio is off in all three (this measures the caches, not the choice of trials), so `same-trials`
+    replays exactly the uncached search's trials."""
     weights = [f"--weights={name}=random" for name in backbones if name in RANDOM_INIT]
     sizing = ([] if epochs is None else ["--epochs", str(epochs)]) + (
         [] if image_size is None else ["--image-size", str(image_size)]) + (
@@ -297,7 +299,8 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
     rows = []
     for seed in seeds:
         common = ["search", "--dataset", dataset, "--study", STUDY, "--backbones", ",".join(backbones), *weights,
-                  "--trials", str(trials), *sizing, "--seed", str(seed), "--device", device, "--quiet"]
+                  "--trials", str(trials), *sizing, "--seed", str(seed), "--device", device, "--quiet",
+                  "--no-portfolio"]
         base = work / f"search-{seed}"
         uncached_s = run_search(common, base / "uncached", ["--no-cache"])
         uncached = search_summary(base / "uncached")

@@ -261,9 +261,14 @@ def test_suggest_respects_ranges():
         assert params.backbone in ("small", "big")
         assert params.num_stages == STAGES[params.backbone]
         assert 0 <= params.frozen_stages <= params.num_stages
+        assert params.head.kind in ("linear", "mlp")
+        if params.probe:  # whole backbone frozen, linear head: the converged probe, no lr or optimizer drawn
+            assert "lr" not in trial.params and "optimizer" not in trial.params and params.head_init == "probe"
+            continue
         assert 1e-4 <= params.lr <= 1e-2
         assert params.optimizer in ("adam", "sgd")
-        assert params.head.kind in ("linear", "mlp")
+        if params.head.kind == "linear":
+            assert params.head_init == trial.params["head_init"] in ("random", "probe")
         if params.head.kind == "mlp":
             assert params.head.hidden in (64, 128)
             assert 0.1 <= params.head.dropout <= 0.3
@@ -278,7 +283,7 @@ def test_suggest_respects_ranges():
     assert {f for b, f in seen if b == "small"} == {0, 1, 2}
     assert {f for b, f in seen if b == "big"} == {0, 1, 2, 3, 4, 5}
     assert {p.head.kind for _, p in samples} == {"linear", "mlp"}
-    assert {p.optimizer for _, p in samples} == {"adam", "sgd"}
+    assert {p.optimizer for _, p in samples if not p.probe} == {"adam", "sgd"}
     lrs = sorted(p.lr for _, p in samples)
     assert lrs[len(lrs) // 2] < 2e-3  # log-uniform: the median sits near 1e-3, not near 5e-3
 
@@ -324,6 +329,9 @@ def test_suggest_choice_spec_number_above_stage_count_is_clipped():
 def test_suggest_default_config_values():
     config = _config(backbones=["small", "big"]).validate()
     for trial, params in _sample(config, 40, seed=3):
+        if params.probe:
+            assert params.optimizer == "lbfgs" and "lr" not in trial.params
+            continue
         assert config.lr[0] <= params.lr <= config.lr[1]
         if params.head.kind == "mlp":
             assert params.head.hidden in HEAD_HIDDEN

@@ -254,21 +254,20 @@ def running_with_checkpoint(storage: str, study: str, out: Path, epochs: int, ne
     return None
 
 
-def stopped_while_running(storage: str, study: str, out: Path, epochs: int, workers: list[subprocess.Popen]):
-    """(trial, its worker) with the worker frozen by SIGSTOP while the trial is still RUNNING, or None.
-
-    Seen RUNNING in one poll is not enough: on a loaded machine the worker may finish the trial before
-    the kill lands. Stopping the worker first, then checking, makes "killed mid-trial" certain."""
-    victim = running_with_checkpoint(storage, study, out, epochs, need_complete=True)
+def stopped_while_running(storage: str, study: str, out: Path, epochs: int, need_complete: bool = True):
+    """(trial, pid of its process) with that process frozen by SIGSTOP while the trial is still RUNNING,
+    or None. Seen RUNNING in one poll is not enough: on a loaded machine the process may finish the trial
+    (or the whole search) before the signal lands. Stopping it first, then checking, makes "stopped
+    mid-trial" certain; the caller signals it and sends SIGCONT."""
+    victim = running_with_checkpoint(storage, study, out, epochs, need_complete=need_complete)
     if victim is None:
         return None
     pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
-    process = next(w for w in workers if w.pid == pid)
-    process.send_signal(signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     now = next(t for t in load(storage, study).get_trials() if t.number == victim.number)
     if now.state == TrialState.RUNNING:
-        return victim, process
-    process.send_signal(signal.SIGCONT)  # it finished in between: let it go on and pick another moment
+        return victim, pid
+    os.kill(pid, signal.SIGCONT)  # it finished in between: let it go on and pick another moment
     return None
 
 
@@ -285,7 +284,8 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind, monk
                  "--threads", "1", "--plugin", str(SLOW_PLUGIN))
     workers = [subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        victim, killed = wait_for(lambda: stopped_while_running(storage, study, out, epochs, workers), workers[0])
+        victim, pid = wait_for(lambda: stopped_while_running(storage, study, out, epochs), workers[0])
+        killed = next(w for w in workers if w.pid == pid)
         before = {t.number: t.value for t in load(storage, study).get_trials(states=(TrialState.COMPLETE,))}
         killed.send_signal(signal.SIGKILL)
         killed.wait()
@@ -320,9 +320,11 @@ def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monke
             "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
     process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        victim = wait_for(lambda: out.joinpath("run.json").exists()
-                          and running_with_checkpoint(storage, "digits", out, 4, need_complete=False), process)
-        process.send_signal(signal.SIGINT)
+        victim, pid = wait_for(lambda: out.joinpath("run.json").exists()
+                               and stopped_while_running(storage, "digits", out, 4, need_complete=False), process)
+        assert pid == process.pid
+        process.send_signal(signal.SIGINT)  # delivered when it runs again, mid-trial for certain
+        process.send_signal(signal.SIGCONT)
         _, err = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
@@ -351,6 +353,13 @@ def gone(pid: int) -> bool:
     return "\nState:\tZ" in status
 
 
+def pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to the (stopped) process `pid`."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    mask = int(fields["ShdPnd"].strip(), 16) | int(fields["SigPnd"].strip(), 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
 def worker_pids(storage: str, study: str) -> set[int]:
     return {int(t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1]) for t in load(storage, study).get_trials()
             if WORKER_ATTR in t.user_attrs}
@@ -370,10 +379,12 @@ def test_stopping_search_with_workers_interrupts_and_requeues_every_running_tria
             "--workers", "2", "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
     process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: out.joinpath("run.json").exists()
-                 and running_with_checkpoint(storage, "digits", out, 4, need_complete=False), process)
+        _, frozen = wait_for(lambda: out.joinpath("run.json").exists()
+                             and stopped_while_running(storage, "digits", out, 4, need_complete=False), process)
         pids = worker_pids(storage, "digits")
         process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+        wait_for(lambda: pending(frozen, signal.SIGTERM))  # forwarded by the parent, or sent as it died
+        os.kill(frozen, signal.SIGCONT)  # the worker wakes with the stop pending, mid-trial for certain
         _, err = process.communicate(timeout=300)
         wait_for(lambda: all(gone(pid) for pid in pids), limit=300)
     finally:
@@ -402,10 +413,16 @@ def test_stopping_search_with_workers_interrupts_and_requeues_every_running_tria
 def test_out_of_memory_retries_at_half_batch_then_fails_as_oom(tmp_path, monkeypatch):
     monkeypatch.setenv("OOM_ALWAYS_TRIALS", "0")
     out = tmp_path / "oom"
-    assert main(["search", "--dataset", "builtin:digits", "--backbones", "oomnet", "--plugin", str(OOM_PLUGIN),
-                 "--epochs", "1", "--trials", "2", "--batch-size", "16", "--pruner", "none", "--out", str(out),
-                 "--quiet"]) == 0
-    trials = check_study(f"sqlite:///{(out / 'study.db').resolve()}", "digits", out, trials=2)
+    args = ["search", "--dataset", "builtin:digits", "--backbones", "oomnet", "--plugin", str(OOM_PLUGIN),
+            "--epochs", "1", "--trials", "2", "--batch-size", "16", "--pruner", "none", "--no-portfolio",
+            "--out", str(out), "--quiet"]
+    assert main([*args, "--create-only"]) == 0
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    for frozen in (1, 1, 0):  # partly frozen (fails at every size), partly frozen, then nothing frozen
+        load(storage, "digits").enqueue_trial({"backbone": "oomnet", "frozen_stages": frozen, "head": "linear",
+                                               "head_init": "random", "lr": 1e-3, "optimizer": "adam"})
+    assert main(args) == 0
+    trials = check_study(storage, "digits", out, trials=2)
     first, *rest = trials
     assert first.state == TrialState.FAIL and first.user_attrs["reason"].startswith("oom")
     # Trial 0 (partly frozen) already runs out of memory in the boundary probe, while planning its

@@ -254,7 +254,9 @@ def test_search_records_the_cache_path_of_every_trial(tmp_path):
                                 trial.user_attrs["cache_note"]), trial.user_attrs["cache_note"]
     board = pd.read_csv(out / "leaderboard.csv")
     assert set(board["cache"]) <= {"features", "boundary", "plain"}
-    assert (out / "features").is_dir() == any(t.user_attrs["cache"] == "features" for t in study.trials)
+    # pooled features are extracted (and cached) for a fully frozen trial, and for the probe an LP-FT trial starts from
+    assert (out / "features").is_dir() == any(t.user_attrs["cache"] == "features" or
+                                              t.user_attrs.get("head_init") == "probe" for t in study.trials)
 
 
 def test_trials_reuse_the_features_prerank_extracted(tmp_path):

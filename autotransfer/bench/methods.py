@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +22,11 @@ import torch
 
 from ..config import SearchConfig
 from ..errors import UserError
+from ..probe import PROBE_CS, Probe, fit_probe
 from ..search import RunOptions, Search, default_storage
 from .suite import Budget
 
 STUDY = "bench"
-PROBE_CS = (0.01, 0.1, 1.0)  # large C converges slowly on wide random-init features
 
 
 @dataclass
@@ -206,7 +205,8 @@ def linear_probe(run: MethodRun) -> MethodResult:
             size = inputs.resize_size
             train = extract(backbone.module, None, search.data.train.at_size(size), inputs, search.device, cache)
             val = extract(backbone.module, None, search.data.val.at_size(size), inputs, search.device, cache)
-            accuracy, c, model = probe_accuracy(train.features, train.labels, val.features, val.labels, cs, run.seed)
+            accuracy, c, model = probe_accuracy(train.features, train.labels, val.features, val.labels, cs, run.seed,
+                                                search.data.num_classes)
             seconds = time.perf_counter() - clock - off_clock
             scoring = time.perf_counter()
             test_accuracy = None
@@ -234,29 +234,11 @@ def linear_probe(run: MethodRun) -> MethodResult:
 
 
 def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                   cs: list[float], seed: int) -> tuple[float, float, Any]:
-    """Validation accuracy of a logistic regression whose C was chosen by CV on the training split only,
-    that C, and the fitted model (to score it on test afterwards)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    counts = np.bincount(y_train) if len(y_train) else np.zeros(0, np.int64)
-    counts = counts[counts > 0]
-    folds = min(3, int(counts.min())) if len(counts) > 1 else 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on tiny folds
-        if folds >= 2 and len(cs) > 1:
-            grid = GridSearchCV(model, {"logisticregression__C": cs}, cv=StratifiedKFold(folds, shuffle=True,
-                                                                                         random_state=seed))
-            grid.fit(x_train, y_train)
-            model, c = grid.best_estimator_, float(grid.best_params_["logisticregression__C"])
-        else:
-            c = cs[len(cs) // 2]
-            model.set_params(logisticregression__C=c).fit(x_train, y_train)
-    return float((model.predict(x_val) == y_val).mean()), c, model
+                   cs: list[float], seed: int, num_classes: int) -> tuple[float, float, Probe]:
+    """Validation accuracy of the probe (`probe.fit_probe`: C by CV on the training split only, the very
+    fit a fully frozen search trial makes), that C, and the probe (to score it on test afterwards)."""
+    probe = fit_probe(x_train, y_train, num_classes, seed, cs)
+    return float((probe.predict(x_val) == y_val).mean()), probe.c, probe
 
 
 METHOD_FUNCTIONS: dict[str, Callable[[MethodRun], MethodResult]] = {

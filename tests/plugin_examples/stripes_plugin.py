@@ -91,7 +91,8 @@ def autotransfer_scorers() -> list:
 
 @hookimpl
 def autotransfer_trial_started(trial) -> None:
-    _record("started", number=trial.number, backbone=trial.params["backbone"], study=trial.study_name)
+    _record("started", number=trial.number, backbone=trial.params["backbone"], study=trial.study_name,
+            params=trial.params)
 
 
 @hookimpl

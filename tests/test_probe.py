@@ -1,0 +1,163 @@
+"""Issue 16: converged probe heads on frozen features, LP-FT from the probe, and the opening portfolio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from autotransfer.cli import main
+from autotransfer.config import SearchConfig
+from autotransfer.probe import fit_probe
+from autotransfer.space import portfolio
+
+TINY = ["--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--image-size", "16", "--epochs", "2",
+        "--device", "cpu", "--quiet"]
+
+
+def blobs(classes: int, n: int = 60, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centres = rng.normal(0, 3, (classes, dim))
+    scales = rng.uniform(0.01, 50, dim)  # very unequal feature scales: the scaler matters
+    return ((centres[labels] + rng.normal(0, 1, (n, dim))) * scales).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_the_probe_is_sklearns_standardised_logistic_regression_as_a_linear_layer(classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = blobs(classes)
+    probe = fit_probe(x, y, classes, seed=0)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=probe.c, max_iter=2000)).fit(x, y)
+    np.testing.assert_allclose(torch.from_numpy(probe.logits(x)).softmax(1).numpy(), reference.predict_proba(x),
+                               atol=1e-4)
+    layer = nn.Linear(x.shape[1], classes)
+    probe.load_into(layer)
+    with torch.no_grad():
+        assert (layer(torch.from_numpy(x)).argmax(1).numpy() == reference.predict(x)).all()
+
+
+def test_a_class_missing_from_training_never_wins():
+    x, y = blobs(3)
+    probe = fit_probe(x[y < 2], y[y < 2], num_classes=3, seed=0)
+    assert probe.weight.shape == (3, x.shape[1]) and set(probe.predict(x)) <= {0, 1}
+
+
+def weights_file(tmp_path: Path) -> Path:
+    """A backbone state dict on disk, so test_resnet counts as pretrained (from a file) offline."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet", pretrained=False, num_classes=0).state_dict(), str(path))
+    return path
+
+
+def test_a_fully_frozen_trial_is_never_worse_than_the_benchmark_probe(tmp_path):
+    """Same backbone, same images, same seed: the search's probe trial and the bench's linear-probe method
+    fit the same model, so the trial's val accuracy is the probe's (never below it)."""
+    from autotransfer.bench.methods import MethodRun, linear_probe
+    from autotransfer.bench.suite import Budget
+
+    weights = weights_file(tmp_path)
+    out = tmp_path / "search"
+    assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--frozen-stages", "all", "--heads",
+                 "linear", "--trials", "1", "--out", str(out)]) == 0
+    trial = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert trial.user_attrs["head_init"] == "probe" and not trial.intermediate_values  # nothing for the pruner
+    assert "lr" not in trial.params and "optimizer" not in trial.params
+    run = MethodRun(dataset="builtin:digits:0-2", backbones=["test_resnet"], weights={"test_resnet": str(weights)},
+                    budget=Budget(trials=1, epochs=2, timeout_s=None), seed=0, work=tmp_path / "bench", image_size=16, device="cpu")
+    baseline = linear_probe(run)
+    assert trial.value >= baseline.best_val_accuracy
+    assert trial.value == pytest.approx(baseline.best_val_accuracy)
+
+
+def test_the_probe_trial_does_not_need_the_cache(tmp_path):
+    weights = weights_file(tmp_path)
+    out = tmp_path / "nocache"
+    assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--frozen-stages", "all", "--heads",
+                 "linear", "--trials", "1", "--no-cache", "--out", str(out)]) == 0
+    trial = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["cache"] == "features"
+    assert not (out / "features").exists() or not any((out / "features").iterdir())
+
+
+def test_lp_ft_starts_from_the_probe_and_keeps_its_normalisation_statistics(tmp_path):
+    from autotransfer.backbones import provider_for
+    from autotransfer.features import forward_features
+    from autotransfer.heads import HeadConfig
+    from autotransfer.model import assemble
+    from autotransfer.search import RunOptions, Search, weights_request
+    from autotransfer.trainer import accuracy
+
+    config = SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet"], image_size=16,
+                          weights={"test_resnet": str(weights_file(tmp_path))}, trials=1).validate()
+    search = Search(config, RunOptions(out=tmp_path / "lpft", storage="", study_name="", device="cpu", quiet=True))
+    search.prepare()
+    request, inputs = weights_request(config, "test_resnet"), search.inputs_for("test_resnet")
+    model = assemble(provider_for("test_resnet", search.registries).create("test_resnet", request),
+                     HeadConfig("linear"), search.data.num_classes, 2)
+    train, val = (split.at_size(inputs.resize_size) for split in (search.data.train, search.data.val))
+    probe = search.caches.probe_head(model, ("test_resnet", request), train, inputs, search.device, seed=0)
+    expected = float((probe.predict(forward_features(model.backbone, val, inputs, search.device)) ==
+                      val.labels.numpy()).mean())
+    assert accuracy(model, val, inputs, search.device) == pytest.approx(expected)
+    model.keep_norm_statistics()
+    model.train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert any(p.requires_grad for m in norms for p in m.parameters())  # affine weights of trained stages train
+
+
+def test_the_portfolio_stays_inside_the_configured_space():
+    base = SearchConfig(dataset="d", backbones=["b"], trials=10).validate()
+    recipes = portfolio(base, "b", 5, pretrained=True)
+    assert list(recipes) == ["probe", "lp-ft", "fine-tune"]  # cheapest first
+    assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "head": "linear"}
+    assert recipes["lp-ft"] == {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe",
+                                "lr": 1e-4, "optimizer": "adam"}
+    assert recipes["fine-tune"] == {"backbone": "b", "frozen_stages": 0, "head": "linear", "head_init": "random",
+                                    "lr": 1e-3, "optimizer": "adam"}
+    assert list(portfolio(base, "b", 5, pretrained=False)) == ["fine-tune"]  # a probe of noise is no recipe
+    mlp_only = SearchConfig(dataset="d", backbones=["b"], heads=["mlp"], lr=(3e-4, 3e-4), trials=10).validate()
+    assert portfolio(mlp_only, "b", 5, True) == {"fine-tune": {"backbone": "b", "frozen_stages": 0, "head": "mlp",
+                                                               "head_hidden": 128, "head_dropout": 0.0,
+                                                               "optimizer": "adam"}}
+    frozen_only = SearchConfig(dataset="d", backbones=["b"], frozen_stages="all", trials=10).validate()
+    assert list(portfolio(frozen_only, "b", 5, True)) == ["probe"]
+    shallow = SearchConfig(dataset="d", backbones=["b"], frozen_stages="2-3", lr=(1e-2, 1e-1), trials=10).validate()
+    assert portfolio(shallow, "b", 5, True) == {
+        "lp-ft": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe", "lr": 1e-2,
+                  "optimizer": "adam"},
+        "fine-tune": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "random", "lr": 1e-2,
+                      "optimizer": "adam"}}
+
+
+def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_it(tmp_path):
+    weights = weights_file(tmp_path)
+    out = tmp_path / "open"
+    args = ["search", *TINY, "--weights", f"test_resnet={weights}", "--out", str(out)]
+    assert main([*args, "--trials", "3"]) == 0
+    storage = f"sqlite:///{out / 'study.db'}"
+    trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
+    assert [t.user_attrs.get("portfolio") for t in trials] == ["probe", "lp-ft", "fine-tune"]
+    assert [t.user_attrs["head_init"] for t in trials] == ["probe", "probe", "random"]
+    assert trials[1].user_attrs["probe_c"] > 0
+    assert main([*args, "--trials", "5"]) == 0
+    trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
+    assert len(trials) == 5 and [t.user_attrs.get("portfolio") for t in trials[3:]] == [None, None]
+
+    plain = tmp_path / "plain"
+    assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--out", str(plain), "--trials", "1",
+                 "--no-portfolio"]) == 0
+    first = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{plain / 'study.db'}").trials[0]
+    assert "portfolio" not in first.user_attrs
