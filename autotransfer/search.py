@@ -34,7 +34,7 @@ from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
-from .space import TrialParams, first_trial, portfolio, suggest
+from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, portfolio, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs
@@ -309,7 +309,8 @@ class Search:
         self.created_study = created
         if not created:
             self._check_against(study)
-        study.sampler = self._sampler(previous_trials=len(study.trials) + self.options.sampler_salt)
+        study.sampler = ProbeOnce(self._sampler(previous_trials=len(study.trials) + self.options.sampler_salt),
+                                  self.config, {name: info.num_stages for name, info in self.infos.items()})
         study.set_user_attr(CONFIG_ATTR, self.config.to_dict())
         (self.out / RUN_FILE).write_text(json.dumps({"storage": self.options.storage,
                                                       "study": self.options.study_name}, indent=2) + "\n")
@@ -341,7 +342,7 @@ class Search:
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         if self.config.pruner == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+            return PeerMedianPruner(n_startup_trials=3)
         if self.config.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.config.epochs, reduction_factor=3)
         return optuna.pruners.NopPruner()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import optuna
 
 from .config import SearchConfig, parse_frozen_spec, resolve_stage
@@ -140,3 +141,117 @@ def portfolio(config: SearchConfig, backbone: str, stages: int, pretrained: bool
                 recipe["head_dropout"] = config.head_dropout[0]
         recipes["fine-tune"] = {**recipe, **_lr(config, FT_LR), "optimizer": optimizer}
     return recipes
+
+
+class ProbeOnce(optuna.samplers.BaseSampler):
+    """A sampler wrapper that never draws a backbone's probe (whole backbone frozen, linear head) again
+    once it is finished, running or queued. The probe has nothing else to vary, so a repeat is an exact
+    duplicate the search would only skip, and TPE keeps proposing it when it scores well. The draws that
+    would repeat it are replaced: the head by another allowed head, or, with only a linear head allowed,
+    the frozen depth by another allowed depth. Everything else is the wrapped sampler's."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, config: SearchConfig, num_stages: dict[str, int]):
+        self.base, self.config, self.num_stages = base, config, num_stages
+
+    # -- the wrapped sampler
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def _known(self, name: str, *sources: dict):
+        """A parameter's value so far; a single-choice one (never sampled, so absent in samples) is its choice."""
+        for source in sources:
+            if name in source:
+                return source[name]
+        choices = {"backbone": self.config.backbones, "head": self.config.heads}.get(name, [])
+        return choices[0] if len(choices) == 1 else None
+
+    def sample_relative(self, study, trial, search_space):
+        params = dict(self.base.sample_relative(study, trial, search_space))
+        backbone = self._known("backbone", params, trial.params)
+        if backbone is not None and self._repeats(study, backbone, params.get("frozen_stages"),
+                                                  self._known("head", params, trial.params)):
+            params.pop("head" if "head" in params else "frozen_stages", None)  # drawn again, guarded
+        return params
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        value = self.base.sample_independent(study, trial, param_name, param_distribution)
+        backbone = self._known("backbone", trial.params)
+        if backbone is None or param_name not in ("head", "frozen_stages"):
+            return value
+        frozen = value if param_name == "frozen_stages" else trial.params.get("frozen_stages")
+        head = value if param_name == "head" else self._known("head", trial.params)
+        if not self._repeats(study, backbone, frozen, head):
+            return value
+        others = _other_values(param_name, param_distribution, value, self.num_stages.get(backbone, 0))
+        if not others:
+            return value
+        rng = np.random.default_rng(trial.number)
+        return others[int(rng.integers(len(others)))]
+
+    def _repeats(self, study, backbone: str, frozen, head) -> bool:
+        stages = self.num_stages.get(backbone)
+        if stages is None or frozen is None or head != "linear" or _resolved(frozen, stages) < stages:
+            return False
+        return backbone in probes_taken(study, stages_of=self.num_stages)
+
+
+def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[str]:
+    """Backbones whose probe is finished, running or queued in `study`."""
+    from optuna.trial import TrialState
+
+    taken = set()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                          TrialState.RUNNING, TrialState.WAITING)):
+        params = trial.params or trial.system_attrs.get("fixed_params", {})
+        backbone = params.get("backbone")
+        if backbone in stages_of and params.get("head") == "linear" and "frozen_stages" in params and \
+                _resolved(params["frozen_stages"], stages_of[backbone]) >= stages_of[backbone]:
+            taken.add(backbone)
+    return taken
+
+
+def _other_values(name: str, distribution, value, stages: int) -> list:
+    """The values `name` may take instead of `value`: another head, or a frozen depth short of the whole backbone."""
+    if name == "head":
+        return [c for c in distribution.choices if c != value]
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return [c for c in distribution.choices if _resolved(c, stages) < stages]
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return [v for v in range(distribution.low, distribution.high + 1, distribution.step) if v < stages]
+    return []
+
+
+class PeerMedianPruner(optuna.pruners.BasePruner):
+    """`--pruner median`, comparing like with like: at each epoch a trial is pruned when its val accuracy
+    is below the median of finished trials that started the same way (`head_init`) at that epoch. A head
+    that starts from the probe (LP-FT) begins near the probe's accuracy, a random head far below it; one
+    median over both would prune nearly every random-head trial at its first epoch, whatever it would
+    have reached. Probe trials report no epochs and so are in no comparison. Prunes nothing until
+    `n_startup_trials` peers have finished."""
+
+    def __init__(self, n_startup_trials: int = 3):
+        self.n_startup_trials = n_startup_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        from optuna.trial import TrialState
+
+        step = trial.last_step
+        if step is None:
+            return False
+        kind = trial.params.get("head_init", "random")
+        peers = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                              TrialState.PRUNED))
+                 if t.number != trial.number and t.params.get("head_init", "random") == kind
+                 and step in t.intermediate_values]
+        if len(peers) < self.n_startup_trials:
+            return False
+        return trial.intermediate_values[step] < float(np.median(peers))

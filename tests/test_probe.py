@@ -161,3 +161,50 @@ def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_
                  "--no-portfolio"]) == 0
     first = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{plain / 'study.db'}").trials[0]
     assert "portfolio" not in first.user_attrs
+
+
+def _config_study(config: SearchConfig, stages: dict[str, int], base) -> optuna.Study:
+    from autotransfer.space import ProbeOnce
+
+    return optuna.create_study(direction="maximize", sampler=ProbeOnce(base, config, stages))
+
+
+@pytest.mark.parametrize("heads, spec", [(["linear", "mlp"], "0-all"), (["linear"], "0-all"), (["linear"], "0,2,all")])
+def test_a_finished_probe_is_never_drawn_again(heads, spec):
+    from autotransfer.space import suggest
+
+    config = SearchConfig(dataset="d", backbones=["b"], heads=heads, frozen_stages=spec, trials=40).validate()
+    for base in (optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0, n_startup_trials=3,
+                                                                                   multivariate=True, group=True)):
+        study = _config_study(config, {"b": 3}, base)
+        probe = {"backbone": "b", "frozen_stages": 3 if spec == "0-all" else "all", "head": "linear"}
+        study.enqueue_trial(probe)
+        drawn = []
+        for _ in range(25):
+            trial = study.ask()
+            params = suggest(trial, config, lambda name: 3)
+            drawn.append(params)
+            study.tell(trial, 0.9 if params.probe else 0.5)  # the probe scores best: TPE would chase it
+        assert drawn[0].probe and not any(p.probe for p in drawn[1:])
+
+
+def test_median_pruning_compares_trials_that_started_alike():
+    from optuna.trial import TrialState, create_trial
+
+    from autotransfer.space import PeerMedianPruner
+
+    distributions = {"head_init": optuna.distributions.CategoricalDistribution(["random", "probe"])}
+    study = optuna.create_study(direction="maximize")
+    for init, value in [("probe", 0.9)] * 3 + [("random", 0.3)] * 3:
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params={"head_init": init},
+                                     distributions=distributions, intermediate_values={1: value}))
+    pruner = PeerMedianPruner(n_startup_trials=3)
+
+    def running(init: str, value: float):
+        return create_trial(state=TrialState.COMPLETE, value=value, params={"head_init": init},
+                            distributions=distributions, intermediate_values={1: value})
+
+    assert not pruner.prune(study, running("random", 0.35))  # above its peers, though far below the LP-FT ones
+    assert pruner.prune(study, running("random", 0.2))
+    assert pruner.prune(study, running("probe", 0.8))
+    assert not PeerMedianPruner(n_startup_trials=4).prune(study, running("random", 0.2))  # too few peers yet
