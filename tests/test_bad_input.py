@@ -47,8 +47,8 @@ def test_every_trial_failing_exits_1_and_names_the_reason(tmp_path, capsys, monk
     monkeypatch.setenv("OOM_ALWAYS_TRIALS", "0,1,2")
     out = tmp_path / "oom"
     assert main(["search", "--dataset", "builtin:digits:0-2", "--backbones", "oomnet", "--plugin", str(OOM_PLUGIN),
-                 "--epochs", "1", "--trials", "2", "--pruner", "none", "--no-portfolio", "--out", str(out),
-                 "--quiet"]) == 1
+                 "--epochs", "1", "--trials", "2", "--pruner", "none", "--no-portfolio", "--frozen-stages", "0-1",
+                 "--out", str(out), "--quiet"]) == 1  # trials that train through the backbone, where it fails
     err = capsys.readouterr().err
     assert "no trial completed (3 failed, 0 pruned); first reason: oom" in err and "no model was saved" in err
     assert "best model:" not in err and not (out / "best").exists()
