@@ -161,10 +161,11 @@ class _ToParent:
 
 
 def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
-    """Start `autotransfer worker` per plan and wait. Ctrl-C or SIGTERM is passed on, once, to each worker,
-    which records its running trial as interrupted, re-queues it and exits; then the stop is re-raised.
+    """Start `autotransfer worker` per plan and wait. Ctrl-C or SIGTERM is passed on, once, to each worker
+    (as SIGTERM), which records its running trial as interrupted, re-queues it and exits; then the stop is
+    re-raised.
     A worker whose parent dies (even by SIGKILL) gets SIGTERM (`supervised`). Returns the exit statuses."""
-    from .worker import Stopped, stop_on_sigterm
+    from .worker import stop_on_sigterm
 
     processes: list[subprocess.Popen] = []
     relays: list[threading.Thread] = []
@@ -183,8 +184,10 @@ def launch(plans: list[WorkerPlan], worker_args: list[str]) -> list[int]:
             processes.append(process)
             relays.append(relay)
         codes = [process.wait() for process in processes]
-    except KeyboardInterrupt as stop:
-        forward = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT
+    except KeyboardInterrupt:
+        # SIGTERM whatever stopped this process: workers take it like Ctrl-C, and unlike SIGINT no shell
+        # starts a background job with it ignored (workers inherit what their parent ignores).
+        forward = signal.SIGTERM
         ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:  # let the workers finish recording; a second Ctrl-C does not cut that short
             for process in processes:

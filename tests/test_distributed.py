@@ -47,6 +47,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "autotransfer.cli", *args]
 
 
+def cli_taking_ctrl_c(*args: str) -> list[str]:
+    """`cli`, with Ctrl-C handled even when this test runs in the background of a shell script: a
+    non-interactive shell starts background jobs with SIGINT ignored, every child inherits that, and
+    Python then keeps ignoring it (the convention `nohup cmd &` relies on), so SIGINT would do nothing."""
+    return [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from autotransfer.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
 def load(storage: str, study: str) -> optuna.Study:
     return optuna.load_study(study_name=study, storage=storage)
 
@@ -318,7 +326,7 @@ def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monke
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     args = ["search", *TINY, "--epochs", "4", "--trials", "2", "--pruner", "none", "--out", str(out),
             "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
-    process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cli_taking_ctrl_c(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         victim, pid = wait_for(lambda: out.joinpath("run.json").exists()
                                and stopped_while_running(storage, "digits", out, 4, need_complete=False), process)
