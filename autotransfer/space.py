@@ -71,35 +71,25 @@ def _suggest_float(trial: optuna.Trial, name: str, bounds: tuple[float, float], 
 def first_trial(config: SearchConfig, backbone: str, stages: int) -> dict:
     """A sensible opening trial for a backbone, inside the configured space: train the last stage
     and a linear head with Adam at 1e-3 (the nearest allowed values where the space says otherwise)."""
-    params: dict = {"backbone": backbone}
-    mode, tokens = parse_frozen_spec(config.frozen_stages)
-    target = max(stages - 1, 0)
-    if mode == "range":
-        high = resolve_stage(tokens[1], stages)
-        low = min(resolve_stage(tokens[0], stages), high)
-        params["frozen_stages"] = min(max(target, low), high)
-    else:
-        params["frozen_stages"] = min(tokens, key=lambda t: abs(resolve_stage(t, stages) - target))
+    params: dict = {"backbone": backbone, "frozen_stages": _frozen_value(config, stages, max(stages - 1, 0))}
     params["head"] = "linear" if "linear" in config.heads else config.heads[0]
     if params["head"] == "mlp":
         params["head_hidden"] = config.head_hidden[0]
         if config.head_dropout[0] != config.head_dropout[1]:
             params["head_dropout"] = config.head_dropout[0]
-    low, high = config.lr
-    if low != high:
-        params["lr"] = min(max(1e-3, low), high)
+    params.update(_lr(config, 1e-3))
     params["optimizer"] = "adam" if "adam" in config.optimizers else config.optimizers[0]
     return params
 
 
-def _frozen_value(config: SearchConfig, stages: int, target: int) -> int | str | None:
-    """The allowed frozen-stages value (as the space stores it) nearest to `target`; None if none is."""
+def _frozen_value(config: SearchConfig, stages: int, target: int) -> int | str:
+    """The allowed frozen-stages value (as the space stores it) nearest to `target` (the first on a tie)."""
     mode, tokens = parse_frozen_spec(config.frozen_stages)
     if mode == "range":
         high = resolve_stage(tokens[1], stages)
         low = min(resolve_stage(tokens[0], stages), high)
         return min(max(target, low), high)
-    return min(tokens, key=lambda t: (abs(resolve_stage(t, stages) - target), resolve_stage(t, stages)))
+    return min(tokens, key=lambda t: abs(resolve_stage(t, stages) - target))
 
 
 def _resolved(value: int | str, stages: int) -> int:
@@ -123,14 +113,14 @@ def portfolio(config: SearchConfig, backbone: str, stages: int, pretrained: bool
     linear = "linear" in config.heads
     if pretrained and linear:
         frozen = _frozen_value(config, stages, stages)
-        if frozen is not None and _resolved(frozen, stages) >= stages:
+        if _resolved(frozen, stages) >= stages:
             recipes["probe"] = {"backbone": backbone, "frozen_stages": frozen, "head": "linear"}
         half = _frozen_value(config, stages, stages // 2)
-        if "probe" in config.head_inits and half is not None and _resolved(half, stages) < stages:
+        if "probe" in config.head_inits and _resolved(half, stages) < stages:
             recipes["lp-ft"] = {"backbone": backbone, "frozen_stages": half, "head": "linear", "head_init": "probe",
                                 **_lr(config, LP_FT_LR), "optimizer": optimizer}
     least = _frozen_value(config, stages, 0)
-    if least is not None and _resolved(least, stages) < stages:
+    if _resolved(least, stages) < stages:
         head = "linear" if linear else config.heads[0]
         recipe = {"backbone": backbone, "frozen_stages": least, "head": head}
         if head == "linear":

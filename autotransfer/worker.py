@@ -50,14 +50,12 @@ MAX_DUPLICATES = 20  # draws in a row that repeat a tried configuration: the spa
 
 
 def duplicate_of(trials: list[FrozenTrial], number: int, params: dict[str, Any]) -> int | None:
-    """The number of a trial with exactly these `params` that is finished, or live with a lower number
+    """The number of a trial with exactly these `params` that is finished, or running with a lower number
     (of two workers that drew alike at once, the later trial gives way); None when there is none."""
-    now = datetime.now()
     for other in trials:
         if other.number == number or other.params != params:
             continue
-        if other.state in FINISHED or (other.number < number and other.state == TrialState.RUNNING
-                                       and live(other, now, float("inf"))):
+        if other.state in FINISHED or (other.number < number and other.state == TrialState.RUNNING):
             return other.number
     return None
 
