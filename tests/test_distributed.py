@@ -312,7 +312,9 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, kind, monk
     assert retry.state == TrialState.COMPLETE
     assert retry.system_attrs["failed_trial"] == victim.number
     assert retry.user_attrs[RESUMED_ATTR] >= victim.user_attrs["epochs_done"] >= 1
-    assert retry.params == victim.params
+    # The stored record, not the snapshot taken while the trial ran: on PostgreSQL a read of a RUNNING
+    # trial once came back without its params (one run in about eight under load), though they were stored.
+    assert retry.params == after[victim.number].params != {}
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
     for number, value in before.items():  # nothing finished earlier was lost
         assert after[number].state == TrialState.COMPLETE and after[number].value == value
