@@ -34,7 +34,8 @@ from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
-from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, portfolio, suggest
+from .portfolio import Opening
+from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 ELAPSED_ATTR = "autotransfer_elapsed_s"
 PRERANK_ATTR = "autotransfer_prerank"
-PORTFOLIO_ATTR = "portfolio"  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
 RUN_FILE = "run.json"
 CONFIG_WAIT_S = 30.0  # how long a joining process waits for the creator to store the configuration
 BEST_DIR = "best"
@@ -401,26 +401,39 @@ class Search:
                 study.enqueue_trial(first_trial(self.config, name, self.infos[name].num_stages), skip_if_exists=True)
         return kept
 
+    def opening(self) -> Opening:
+        """The two-stage opening (portfolio.Opening) for the kept candidates, as they were created."""
+        names = list(self.kept or self.config.backbones)
+        return Opening(self.config, names, {name: self.infos[name].num_stages for name in names},
+                       {name: self.sources.get(name, RANDOM_WEIGHTS) != "random init" for name in names})
+
     def open_with_portfolio(self, study: optuna.Study, progress: Progress) -> None:
-        """Queue the recipes known to work (space.portfolio) for every candidate, cheapest kind first:
-        the probes, then LP-FT, then the fine-tunes. Only the process that created the study does this,
-        and the queue lives in the study, so a resumed study or a joining worker never replays it."""
-        kinds: dict[str, list[dict]] = {"probe": [], "lp-ft": [], "fine-tune": []}
-        for name in self.kept or self.config.backbones:
-            pretrained = self.sources.get(name, RANDOM_WEIGHTS) != "random init"  # as created, plugins included
-            for kind, params in portfolio(self.config, name, self.infos[name].num_stages, pretrained).items():
-                kinds[kind].append(params)
-        queue = [(kind, params) for kind, group in kinds.items() for params in group]
-        cut = queue[self.config.trials:] if self.config.trials is not None else []
-        queue = queue[:self.config.trials] if self.config.trials is not None else queue  # never past the budget
-        for kind, params in queue:
-            study.enqueue_trial(params, user_attrs={PORTFOLIO_ATTR: kind}, skip_if_exists=True)
+        """Queue the opening's first stage (the probes; everything when nothing can be probed). Only the
+        process that created the study does this; the second stage is queued by the worker loop once due."""
+        opening = self.opening()
+        queue = opening.queue_first(study)
+        wanted = opening.first()
         if queue:
-            counts = {kind: sum(k == kind for k, _ in queue) for kind in kinds}
+            counts = {kind: sum(k == kind for k, _ in queue) for kind in ("probe", "lp-ft", "fine-tune")}
+            then = ("; then LP-FT and a fine-tune of the best-probed backbone, then the sampler"
+                    if counts["probe"] == len(queue) else "; then the sampler")
+            cut = len(wanted) - len(queue)
             progress.say(f"opening with {len(queue)} known recipe(s): " +
                          ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) +
-                         (f" ({len(cut)} more left out: --trials {self.config.trials})" if cut else
-                          "; then the sampler") + " (--no-portfolio to start with the sampler)")
+                         (f" ({cut} more left out: --trials {self.config.trials})" if cut else then) +
+                         " (--no-portfolio to start with the sampler)")
+
+    def _follow_up(self, progress: Progress) -> Callable[[optuna.Study], None]:
+        """What the worker loop runs before each trial: queue the opening's second stage once it is due."""
+        opening = self.opening()
+
+        def queue(study: optuna.Study) -> None:
+            queued = opening.queue_due(study)
+            if queued:
+                backbone = queued[0][1]["backbone"]
+                progress.say(f"opening, second stage: {' and '.join(kind for kind, _ in queued)} of {backbone}, "
+                             "the backbone whose probe scored best on val; then the sampler")
+        return queue
 
     def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
         from .worker import WorkerLoop, quiet_expected_failures, stop_on_sigterm
@@ -428,7 +441,7 @@ class Search:
         quiet_expected_failures()
         restore = stop_on_sigterm()
         try:
-            WorkerLoop(self, study, progress, timeout, elapsed_before).run()
+            WorkerLoop(self, study, progress, timeout, elapsed_before, self._follow_up(progress)).run()
         finally:
             restore()
 

@@ -10,6 +10,7 @@ import optuna
 
 from .config import SearchConfig, parse_frozen_spec, resolve_stage
 from .heads import HeadConfig
+from .portfolio import frozen_value, lr_value, resolved
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,6 @@ class TrialParams:
 
 
 PROBE_OPTIMIZER = "lbfgs"  # what a probe trial's head is solved with (recorded, not sampled)
-LP_FT_LR, FT_LR = 1e-4, 1e-3  # the portfolio's learning rates: low after a probe start, moderate from random
 
 
 def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str], int],
@@ -71,66 +71,15 @@ def _suggest_float(trial: optuna.Trial, name: str, bounds: tuple[float, float], 
 def first_trial(config: SearchConfig, backbone: str, stages: int) -> dict:
     """A sensible opening trial for a backbone, inside the configured space: train the last stage
     and a linear head with Adam at 1e-3 (the nearest allowed values where the space says otherwise)."""
-    params: dict = {"backbone": backbone, "frozen_stages": _frozen_value(config, stages, max(stages - 1, 0))}
+    params: dict = {"backbone": backbone, "frozen_stages": frozen_value(config, stages, max(stages - 1, 0))}
     params["head"] = "linear" if "linear" in config.heads else config.heads[0]
     if params["head"] == "mlp":
         params["head_hidden"] = config.head_hidden[0]
         if config.head_dropout[0] != config.head_dropout[1]:
             params["head_dropout"] = config.head_dropout[0]
-    params.update(_lr(config, 1e-3))
+    params.update(lr_value(config, 1e-3))
     params["optimizer"] = "adam" if "adam" in config.optimizers else config.optimizers[0]
     return params
-
-
-def _frozen_value(config: SearchConfig, stages: int, target: int) -> int | str:
-    """The allowed frozen-stages value (as the space stores it) nearest to `target` (the first on a tie)."""
-    mode, tokens = parse_frozen_spec(config.frozen_stages)
-    if mode == "range":
-        high = resolve_stage(tokens[1], stages)
-        low = min(resolve_stage(tokens[0], stages), high)
-        return min(max(target, low), high)
-    return min(tokens, key=lambda t: abs(resolve_stage(t, stages) - target))
-
-
-def _resolved(value: int | str, stages: int) -> int:
-    return value if isinstance(value, int) else resolve_stage(value, stages)
-
-
-def _lr(config: SearchConfig, target: float) -> dict:
-    low, high = config.lr
-    return {} if low == high else {"lr": min(max(target, low), high)}
-
-
-def portfolio(config: SearchConfig, backbone: str, stages: int, pretrained: bool) -> dict[str, dict]:
-    """The recipes known to work for one backbone, inside the configured space, cheapest first:
-    `probe` (whole backbone frozen, the converged logistic-regression head), `lp-ft` (the head starts
-    from that probe, the last half of the stages fine-tuned at a low lr: Kumar et al., ICLR 2022) and
-    `fine-tune` (every allowed stage trained from a random head at a moderate lr: the seed recipe).
-    A random-init backbone gets only the fine-tune: its probe and LP-FT start from noise. Recipes the
-    space rules out (no linear head, no fully frozen value, ...) are left out."""
-    optimizer = "adam" if "adam" in config.optimizers else config.optimizers[0]
-    recipes: dict[str, dict] = {}
-    linear = "linear" in config.heads
-    if pretrained and linear:
-        frozen = _frozen_value(config, stages, stages)
-        if _resolved(frozen, stages) >= stages:
-            recipes["probe"] = {"backbone": backbone, "frozen_stages": frozen, "head": "linear"}
-        half = _frozen_value(config, stages, stages // 2)
-        if "probe" in config.head_inits and _resolved(half, stages) < stages:
-            recipes["lp-ft"] = {"backbone": backbone, "frozen_stages": half, "head": "linear", "head_init": "probe",
-                                **_lr(config, LP_FT_LR), "optimizer": optimizer}
-    least = _frozen_value(config, stages, 0)
-    if _resolved(least, stages) < stages:
-        head = "linear" if linear else config.heads[0]
-        recipe = {"backbone": backbone, "frozen_stages": least, "head": head}
-        if head == "linear":
-            recipe["head_init"] = "random" if "random" in config.head_inits else config.head_inits[0]
-        else:
-            recipe["head_hidden"] = config.head_hidden[0]
-            if config.head_dropout[0] != config.head_dropout[1]:
-                recipe["head_dropout"] = config.head_dropout[0]
-        recipes["fine-tune"] = {**recipe, **_lr(config, FT_LR), "optimizer": optimizer}
-    return recipes
 
 
 class ProbeOnce(optuna.samplers.BaseSampler):
@@ -189,7 +138,7 @@ class ProbeOnce(optuna.samplers.BaseSampler):
 
     def _repeats(self, study, backbone: str, frozen, head) -> bool:
         stages = self.num_stages.get(backbone)
-        if stages is None or frozen is None or head != "linear" or _resolved(frozen, stages) < stages:
+        if stages is None or frozen is None or head != "linear" or resolved(frozen, stages) < stages:
             return False
         return backbone in probes_taken(study, stages_of=self.num_stages)
 
@@ -204,7 +153,7 @@ def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[str]:
         params = trial.params or trial.system_attrs.get("fixed_params", {})
         backbone = params.get("backbone")
         if backbone in stages_of and params.get("head") == "linear" and "frozen_stages" in params and \
-                _resolved(params["frozen_stages"], stages_of[backbone]) >= stages_of[backbone]:
+                resolved(params["frozen_stages"], stages_of[backbone]) >= stages_of[backbone]:
             taken.add(backbone)
     return taken
 
@@ -214,7 +163,7 @@ def _other_values(name: str, distribution, value, stages: int) -> list:
     if name == "head":
         return [c for c in distribution.choices if c != value]
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return [c for c in distribution.choices if _resolved(c, stages) < stages]
+        return [c for c in distribution.choices if resolved(c, stages) < stages]
     if isinstance(distribution, optuna.distributions.IntDistribution):
         return [v for v in range(distribution.low, distribution.high + 1, distribution.step) if v < stages]
     return []

@@ -118,6 +118,7 @@ class WorkerLoop:
     progress: Any  # search.Progress
     timeout: float | None
     elapsed_before: float
+    before_trial: Callable[[optuna.Study], None] = lambda study: None  # e.g. queue the opening's next stage
 
     def __post_init__(self) -> None:
         self.budget: int | None = self.search.config.trials
@@ -133,6 +134,7 @@ class WorkerLoop:
         waiting_said = False
         while not self.stopped:
             fail_stale(self.study)
+            self.before_trial(self.study)
             counts = tally(self.study.get_trials(deepcopy=False), self.grace_s)
             if self.budget is not None and counts.finished >= self.budget:
                 return

@@ -63,6 +63,8 @@ def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
         assert row["night"] == NIGHT1 and row["run_id"] == f"{NIGHT1}_smoke" and row["budget_trials"] == "2"
         assert row["best_config"].startswith("{") and "backbone" in row["best_config"]
     assert {r["trials_complete"] for r in stored if r["method"] == "seed-recipe"} == {"1"}
+    recipes = [json.loads(r["best_config"]) for r in stored if r["method"] == "seed-recipe"]
+    assert all(c["frozen_stages"] == 0 and c["head_init"] == "random" for c in recipes), recipes  # not an LP-FT
     for row in stored:  # the anytime curve rises, ends at the best accuracy and stays within the run
         curve = json.loads(row["curve"])
         assert curve, row["method"]

@@ -1,4 +1,4 @@
-"""Issue 16: converged probe heads on frozen features, LP-FT from the probe, and the opening portfolio."""
+"""Issue 16: converged probe heads on frozen features, LP-FT from the probe, and the two-stage opening."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch import nn
 from autotransfer.cli import main
 from autotransfer.config import SearchConfig
 from autotransfer.probe import fit_probe
-from autotransfer.space import portfolio
+from autotransfer.portfolio import FOLLOW_UP_ATTR, PORTFOLIO_ATTR, Opening
+from autotransfer.portfolio import recipes as portfolio
 
 TINY = ["--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--image-size", "16", "--epochs", "2",
         "--device", "cpu", "--quiet"]
@@ -140,6 +141,65 @@ def test_the_portfolio_stays_inside_the_configured_space():
                   "optimizer": "adam"},
         "fine-tune": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "random", "lr": 1e-2,
                       "optimizer": "adam"}}
+
+
+def _opening(trials: int | None = 10, pretrained: dict[str, bool] | None = None) -> Opening:
+    pretrained = pretrained or {"a": True, "b": True, "r": False}
+    config = SearchConfig(dataset="d", backbones=list(pretrained), trials=trials).validate()
+    return Opening(config, list(pretrained), {name: 5 for name in pretrained}, pretrained)
+
+
+def _probe_trial(backbone: str, value: float | None, state=optuna.trial.TrialState.COMPLETE):
+    dists = {"backbone": optuna.distributions.CategoricalDistribution([backbone]),
+             "frozen_stages": optuna.distributions.IntDistribution(0, 5),
+             "head": optuna.distributions.CategoricalDistribution(["linear"])}
+    return optuna.trial.create_trial(state=state, value=value, params={"backbone": backbone, "frozen_stages": 5,
+                                                                      "head": "linear"},
+                                     distributions=dists, user_attrs={PORTFOLIO_ATTR: "probe"})
+
+
+def test_the_opening_probes_first_then_follows_up_on_the_best_probed_backbone_only():
+    opening = _opening()
+    assert [(kind, p["backbone"]) for kind, p in opening.first()] == [("probe", "a"), ("probe", "b")]  # not "r"
+    study = optuna.create_study(direction="maximize")
+    opening.queue_first(study)
+    assert opening.queue_due(study) == []  # the probes are queued, not finished
+    waiting = study.get_trials(deepcopy=False)
+    assert [t.state for t in waiting] == [optuna.trial.TrialState.WAITING] * 2
+
+    finished = optuna.create_study(direction="maximize")
+    finished.add_trial(_probe_trial("a", 0.80))
+    assert opening.follow_up(finished.trials + [_probe_trial("b", None, optuna.trial.TrialState.RUNNING)]) is None
+    finished.add_trial(_probe_trial("b", 0.85))
+    backbone, queue = opening.follow_up(finished.trials)
+    assert backbone == "b" and [kind for kind, _ in queue] == ["lp-ft", "fine-tune"]
+    assert all(params["backbone"] == "b" for _, params in queue)
+    assert opening.queue_due(finished) == queue and finished.user_attrs[FOLLOW_UP_ATTR] == "b"
+    assert opening.queue_due(finished) == []  # queued once: a resumed study or another worker does not repeat it
+    assert [t.user_attrs[PORTFOLIO_ATTR] for t in finished.trials] == ["probe", "probe", "lp-ft", "fine-tune"]
+
+
+def test_the_opening_follow_up_breaks_ties_to_the_earlier_probe_and_needs_one_that_completed():
+    opening = _opening()
+    tied = [_probe_trial("a", 0.9), _probe_trial("b", 0.9)]
+    for number, trial in enumerate(tied):
+        trial.number = number
+    assert opening.follow_up(tied)[0] == "a"
+    failed = [_probe_trial("a", None, optuna.trial.TrialState.FAIL)]
+    assert opening.follow_up(failed) is None  # nothing measured: the sampler takes over
+    assert opening.follow_up([]) is None
+
+
+def test_the_opening_never_queues_past_the_budget_and_without_probes_queues_every_recipe():
+    opening = _opening(trials=3)
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_probe_trial("a", 0.8))
+    study.add_trial(_probe_trial("b", 0.7))
+    assert [kind for kind, _ in opening.queue_due(study)] == ["lp-ft"]  # 2 probes + 1: the budget of 3
+    assert len(study.trials) == 3
+
+    random_only = _opening(pretrained={"r": False, "s": False})
+    assert [(kind, p["backbone"]) for kind, p in random_only.first()] == [("fine-tune", "r"), ("fine-tune", "s")]
 
 
 def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_it(tmp_path):

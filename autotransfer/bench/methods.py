@@ -167,14 +167,16 @@ def autotransfer_prerank(run: MethodRun) -> MethodResult:
 
 
 def random_search(run: MethodRun) -> MethodResult:
-    return _run_search(run, RandomSearch(run.config(pruner="none"), run.run_options()))
+    """Uniform random draws from the first trial: no opening portfolio, no pruning."""
+    return _run_search(run, RandomSearch(run.config(pruner="none", portfolio=False), run.run_options()))
 
 
 def seed_recipe(run: MethodRun) -> MethodResult:
-    """What a person would try first: the first backbone, fine-tuned end to end, one trial."""
+    """What a person would try first: the first backbone, fine-tuned end to end from a random head, one
+    trial (no opening portfolio: with only frozen 0 allowed, it would open with an LP-FT instead)."""
     lr = float(run.options.get("lr", 1e-3))
     config = run.config(backbones=run.backbones[:1], frozen_stages=str(run.options.get("frozen_stages", "0")),
-                        heads=[run.options.get("head", "linear")], lr=(lr, lr),
+                        heads=[run.options.get("head", "linear")], head_inits=["random"], portfolio=False, lr=(lr, lr),
                         optimizers=[run.options.get("optimizer", "adam")], trials=1, timeout=None, pruner="none")
     return _run_search(run, Search(config, run.run_options()))
 
