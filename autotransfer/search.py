@@ -34,7 +34,7 @@ from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
-from .portfolio import Opening
+from .portfolio import FOLLOW_UP_ATTR, Opening
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
@@ -424,11 +424,15 @@ class Search:
                          " (--no-portfolio to start with the sampler)")
 
     def _follow_up(self, progress: Progress) -> Callable[[optuna.Study], None]:
-        """What the worker loop runs before each trial: queue the opening's second stage once it is due."""
-        opening = self.opening()
+        """What the worker loop runs before each trial: queue the opening's second stage once it is due.
+        Once the study says it is queued (by this worker or another), later calls read nothing."""
+        opening, settled = self.opening(), [not self.config.portfolio]
 
         def queue(study: optuna.Study) -> None:
+            if settled[0]:
+                return
             queued = opening.queue_due(study)
+            settled[0] = FOLLOW_UP_ATTR in study.user_attrs
             if queued:
                 backbone = queued[0][1]["backbone"]
                 progress.say(f"opening, second stage: {' and '.join(kind for kind, _ in queued)} of {backbone}, "
