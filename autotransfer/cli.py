@@ -44,8 +44,9 @@ def _search_parser(sub) -> None:
                         "probe = the converged logistic-regression probe of the frozen backbone (LP-FT) "
                         f"(default {','.join(c.HEAD_INITS)})")
     p.add_argument("--portfolio", action=argparse.BooleanOptionalAction,
-                   help="open a new study with the recipes known to work, per backbone, cheapest first: the "
-                        "linear probe, LP-FT and a full fine-tune; the sampler takes over after them (default on)")
+                   help="open a new study with the recipes known to work: the linear probe of every pretrained "
+                        "backbone, then a full fine-tune and LP-FT of the best-probed one; the sampler takes over "
+                        "after them (default on)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default 5)")
     p.add_argument("--batch-size", type=int, help="default 32")
     p.add_argument("--image-size", type=int, help=f"crop size (default: the backbone's, at most {c.CPU_IMAGE_SIZE_CAP} on CPU)")

@@ -4,10 +4,15 @@
    head on cached features): the cheapest trial there is, and a measured estimate of how well each
    backbone's features fit this dataset.
 2. Once every queued probe has finished, the expensive recipes for the backbone whose probe scored
-   best on val: `lp-ft` (the head starts from that probe, the last half of the stages fine-tuned at a
-   low lr; Kumar et al., ICLR 2022) and `fine-tune` (every allowed stage trained from a random head at
-   a moderate lr: the seed recipe), cheapest first. A backbone whose probe is weak gets no expensive
-   trial from the opening; the sampler, informed by every trial so far, spends the rest of the budget.
+   best on val: `fine-tune` first (every allowed stage trained from a random head at a moderate lr:
+   the recipe a person tries first, so the search has its result as early as that person would),
+   then `lp-ft` (the head starts from that probe, the last half of the stages fine-tuned at a low lr;
+   Kumar et al., ICLR 2022). A backbone whose probe is weak gets no expensive trial from the opening;
+   the sampler, informed by every trial so far, spends the rest of the budget.
+
+The learning rates are Adam's under the trainer's cosine schedule over `--epochs`: the fine-tune's is
+the one that measured best over short schedules (benchmarks/results/issue16-recipes.csv), the
+LP-FT's low enough not to undo the probe head it starts from.
 
 With nothing to probe (only random-init candidates, or a space without a fully frozen linear trial)
 the opening is every candidate's recipes at once, as there is nothing to rank them by.
@@ -31,13 +36,13 @@ from .config import SearchConfig, parse_frozen_spec, resolve_stage
 
 PORTFOLIO_ATTR = "portfolio"  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
 FOLLOW_UP_ATTR = "portfolio_follow_up"  # on the study: the backbone stage 2 was queued for
-LP_FT_LR, FT_LR = 1e-4, 1e-3  # the recipes' learning rates: low after a probe start, moderate from random
-KINDS = ("probe", "lp-ft", "fine-tune")  # cheapest first
+LP_FT_LR, FT_LR = 1e-4, 3e-3  # the recipes' learning rates: low after a probe start, moderate from random
+KINDS = ("probe", "fine-tune", "lp-ft")  # the order they are queued in (see the module docstring)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 def recipes(config: SearchConfig, backbone: str, stages: int, pretrained: bool) -> dict[str, dict]:
-    """The recipes known to work for one backbone, inside the configured space, cheapest first (see the
+    """The recipes known to work for one backbone, inside the configured space, in `KINDS` order (see the
     module docstring). A random-init backbone gets only the fine-tune: its probe and LP-FT start from
     noise. Recipes the space rules out (no linear head, no fully frozen value, ...) are left out."""
     optimizer = "adam" if "adam" in config.optimizers else config.optimizers[0]
@@ -62,7 +67,7 @@ def recipes(config: SearchConfig, backbone: str, stages: int, pretrained: bool) 
             if config.head_dropout[0] != config.head_dropout[1]:
                 recipe["head_dropout"] = config.head_dropout[0]
         found["fine-tune"] = {**recipe, **lr_value(config, FT_LR), "optimizer": optimizer}
-    return found
+    return {kind: found[kind] for kind in KINDS if kind in found}
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Opening:
         return every
 
     def follow_up(self, trials: Sequence[FrozenTrial]) -> tuple[str, list[tuple[str, dict]]] | None:
-        """Stage 2, once due: (the backbone, its LP-FT and fine-tune). Due when the study's opening
+        """Stage 2, once due: (the backbone, its fine-tune and LP-FT). Due when the study's opening
         probes have all finished and at least one completed; the best by val wins, ties to the earlier
         trial. None while a probe is queued or running, or when no probe completed."""
         probes = [t for t in trials if t.user_attrs.get(PORTFOLIO_ATTR) == "probe"]

@@ -9,6 +9,9 @@ features the search's probe cannot be worse than the baseline's: it is the basel
 
 The fitted scaler is folded into the layer (W / s, b - W m / s), so the result loads into an
 ordinary `nn.Linear` head that saves, loads and predicts like any other.
+
+The solver runs on one BLAS thread by default: lbfgs makes many small products, and BLAS threads
+contending with torch's idle pool make them far slower than one thread (`benchmarks/probe_fit.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 PROBE_CS = (0.01, 0.1, 1.0)  # L2 strengths tried by CV; large C converges slowly on wide random-init features
 MAX_ITER = 2000
 CV_FOLDS = 3
+BLAS_THREADS = 1  # see the module docstring; None leaves the BLAS pool as it is
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,10 @@ def cv_folds(labels: np.ndarray) -> int:
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
-              cs: tuple[float, ...] | list[float] = PROBE_CS) -> Probe:
+              cs: tuple[float, ...] | list[float] = PROBE_CS, blas_threads: int | None = BLAS_THREADS) -> Probe:
     """Fit the probe on the training split only (see the module docstring)."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -71,7 +76,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
     labels = np.asarray(labels)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=MAX_ITER))
     folds = cv_folds(labels)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(blas_threads, user_api="blas"):
         warnings.simplefilter("ignore")  # convergence chatter on tiny folds
         if folds >= 2 and len(cs) > 1:
             grid = GridSearchCV(model, {"logisticregression__C": list(cs)},

@@ -34,7 +34,7 @@ from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
-from .portfolio import FOLLOW_UP_ATTR, Opening
+from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
@@ -414,8 +414,8 @@ class Search:
         queue = opening.queue_first(study)
         wanted = opening.first()
         if queue:
-            counts = {kind: sum(k == kind for k, _ in queue) for kind in ("probe", "lp-ft", "fine-tune")}
-            then = ("; then LP-FT and a fine-tune of the best-probed backbone, then the sampler"
+            counts = {kind: sum(k == kind for k, _ in queue) for kind in KINDS}
+            then = ("; then a fine-tune and LP-FT of the best-probed backbone, then the sampler"
                     if counts["probe"] == len(queue) else "; then the sampler")
             cut = len(wanted) - len(queue)
             progress.say(f"opening with {len(queue)} known recipe(s): " +

@@ -122,12 +122,12 @@ def test_lp_ft_starts_from_the_probe_and_keeps_its_normalisation_statistics(tmp_
 def test_the_portfolio_stays_inside_the_configured_space():
     base = SearchConfig(dataset="d", backbones=["b"], trials=10).validate()
     recipes = portfolio(base, "b", 5, pretrained=True)
-    assert list(recipes) == ["probe", "lp-ft", "fine-tune"]  # cheapest first
+    assert list(recipes) == ["probe", "fine-tune", "lp-ft"]  # the order they are queued in
     assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "head": "linear"}
     assert recipes["lp-ft"] == {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe",
                                 "lr": 1e-4, "optimizer": "adam"}
     assert recipes["fine-tune"] == {"backbone": "b", "frozen_stages": 0, "head": "linear", "head_init": "random",
-                                    "lr": 1e-3, "optimizer": "adam"}
+                                    "lr": 3e-3, "optimizer": "adam"}
     assert list(portfolio(base, "b", 5, pretrained=False)) == ["fine-tune"]  # a probe of noise is no recipe
     mlp_only = SearchConfig(dataset="d", backbones=["b"], heads=["mlp"], lr=(3e-4, 3e-4), trials=10).validate()
     assert portfolio(mlp_only, "b", 5, True) == {"fine-tune": {"backbone": "b", "frozen_stages": 0, "head": "mlp",
@@ -136,11 +136,13 @@ def test_the_portfolio_stays_inside_the_configured_space():
     frozen_only = SearchConfig(dataset="d", backbones=["b"], frozen_stages="all", trials=10).validate()
     assert list(portfolio(frozen_only, "b", 5, True)) == ["probe"]
     shallow = SearchConfig(dataset="d", backbones=["b"], frozen_stages="2-3", lr=(1e-2, 1e-1), trials=10).validate()
-    assert portfolio(shallow, "b", 5, True) == {
-        "lp-ft": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe", "lr": 1e-2,
-                  "optimizer": "adam"},
+    shallow_recipes = portfolio(shallow, "b", 5, True)
+    assert shallow_recipes == {
         "fine-tune": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "random", "lr": 1e-2,
-                      "optimizer": "adam"}}
+                      "optimizer": "adam"},
+        "lp-ft": {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe", "lr": 1e-2,
+                  "optimizer": "adam"}}
+    assert list(shallow_recipes) == ["fine-tune", "lp-ft"]
 
 
 def _opening(trials: int | None = 10, pretrained: dict[str, bool] | None = None) -> Opening:
@@ -172,11 +174,11 @@ def test_the_opening_probes_first_then_follows_up_on_the_best_probed_backbone_on
     assert opening.follow_up(finished.trials + [_probe_trial("b", None, optuna.trial.TrialState.RUNNING)]) is None
     finished.add_trial(_probe_trial("b", 0.85))
     backbone, queue = opening.follow_up(finished.trials)
-    assert backbone == "b" and [kind for kind, _ in queue] == ["lp-ft", "fine-tune"]
+    assert backbone == "b" and [kind for kind, _ in queue] == ["fine-tune", "lp-ft"]
     assert all(params["backbone"] == "b" for _, params in queue)
     assert opening.queue_due(finished) == queue and finished.user_attrs[FOLLOW_UP_ATTR] == "b"
     assert opening.queue_due(finished) == []  # queued once: a resumed study or another worker does not repeat it
-    assert [t.user_attrs[PORTFOLIO_ATTR] for t in finished.trials] == ["probe", "probe", "lp-ft", "fine-tune"]
+    assert [t.user_attrs[PORTFOLIO_ATTR] for t in finished.trials] == ["probe", "probe", "fine-tune", "lp-ft"]
 
 
 def test_the_opening_follow_up_breaks_ties_to_the_earlier_probe_and_needs_one_that_completed():
@@ -195,7 +197,7 @@ def test_the_opening_never_queues_past_the_budget_and_without_probes_queues_ever
     study = optuna.create_study(direction="maximize")
     study.add_trial(_probe_trial("a", 0.8))
     study.add_trial(_probe_trial("b", 0.7))
-    assert [kind for kind, _ in opening.queue_due(study)] == ["lp-ft"]  # 2 probes + 1: the budget of 3
+    assert [kind for kind, _ in opening.queue_due(study)] == ["fine-tune"]  # 2 probes + 1: the budget of 3
     assert len(study.trials) == 3
 
     random_only = _opening(pretrained={"r": False, "s": False})
@@ -209,9 +211,9 @@ def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_
     assert main([*args, "--trials", "3"]) == 0
     storage = f"sqlite:///{out / 'study.db'}"
     trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
-    assert [t.user_attrs.get("portfolio") for t in trials] == ["probe", "lp-ft", "fine-tune"]
-    assert [t.user_attrs["head_init"] for t in trials] == ["probe", "probe", "random"]
-    assert trials[1].user_attrs["probe_c"] > 0
+    assert [t.user_attrs.get("portfolio") for t in trials] == ["probe", "fine-tune", "lp-ft"]
+    assert [t.user_attrs["head_init"] for t in trials] == ["probe", "random", "probe"]
+    assert trials[2].user_attrs["probe_c"] > 0
     assert main([*args, "--trials", "5"]) == 0
     trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
     assert len(trials) == 5 and [t.user_attrs.get("portfolio") for t in trials[3:]] == [None, None]
