@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from autotransfer.bench.store import cpu_model
 from autotransfer.probe import fit_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def main() -> None:
                 chosen[name] = fit_probe(x, y, shape[2], seed=0, blas_threads=threads).c
                 seconds[name].append(time.perf_counter() - start)
         one, pool = min(seconds["one"]), min(seconds["pool"])
-        rows.append({"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        rows.append({"cpu": cpu_model(), "cpus": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(), "images": shape[0], "features": shape[1],
                      "classes": shape[2], "one_thread_s": round(one, 3), "blas_pool_s": round(pool, 3),
                      "speedup": round(pool / one, 2), "same_c": chosen["one"] == chosen["pool"]})

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import re
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from autotransfer.bench.store import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -56,7 +57,7 @@ def run_cell(dataset: str, recipe: str, backbone: str, seed: int, epochs: int, w
     val, test = CHOSEN.search(done.stdout), TESTED.search(done.stdout)
     if done.returncode != 0 or val is None or test is None:
         raise SystemExit(f"{' '.join(command)} failed (rc {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return {"date": date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+    return {"date": date.today().isoformat(), "cpu": cpu_model(),
             "dataset": dataset, "recipe": recipe, "backbone": backbone, "seed": seed, "epochs": epochs,
             "val_accuracy": float(val.group(1)), "test_accuracy": float(test.group(1)),
             "wall_s": round(wall, 2), "flags": " ".join(RECIPES[recipe] + extra)}
