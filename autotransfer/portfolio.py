@@ -20,8 +20,9 @@ the opening is every candidate's recipes at once, as there is nothing to rank th
 Invariant: the queue lives in the study (`enqueue_trial`), never in a process. Stage 1 is queued by
 the process that creates the study; stage 2 by whichever worker asks for a trial first once it is due,
 marked in the study (`FOLLOW_UP_ATTR`), so a resumed study or a joining worker never queues it again.
-Two workers racing to queue it queue the same parameters, and the worker's duplicate guard fails the
-second copy without running it. Nothing is queued past `--trials`.
+Two workers racing to queue it queue the same parameters: the second enqueue finds them waiting and
+skips them (`skip_if_exists`), and where both write at the same moment the worker's duplicate guard
+fails the second copy without running it. Nothing is queued past `--trials`.
 """
 
 from __future__ import annotations

@@ -268,3 +268,24 @@ def test_source_may_return_a_torch_dataset(tmp_path):
     message = one_line_error(run_cli("search", "--dataset", "squares:bad", "--no-pretrained", "--out", str(tmp_path / "b"),
                                      "--plugin", str(plugin)))
     assert "'squares' returned dict" in message and "LabelledRefs" in message
+
+
+def test_every_hook_has_a_docstring_and_is_documented_in_docs_plugins_md():
+    """As datasette does: a hook a plugin author cannot find in the guide does not exist for them, and a
+    hook the guide names that the spec module lacks is a stale guide."""
+    import inspect
+    import re
+
+    from autotransfer import hookspecs
+
+    specs = {name: fn for name, fn in vars(hookspecs).items()
+             if inspect.isfunction(fn) and hasattr(fn, f"{hookspecs.PROJECT}_spec")}
+    assert len(specs) >= 6
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    for name, fn in specs.items():
+        assert (fn.__doc__ or "").strip(), f"hook {name} has no docstring"
+        params = list(inspect.signature(fn).parameters)
+        documented = f"`{name}({', '.join(params)})`" if params else f"`{name}`"
+        assert documented in guide, f"docs/plugins.md does not document {documented}"
+    named = set(re.findall(r"\bautotransfer_[a-z_]+\b", guide))
+    assert named <= set(specs), f"docs/plugins.md names hooks that do not exist: {sorted(named - set(specs))}"

@@ -270,3 +270,19 @@ def test_median_pruning_compares_trials_that_started_alike():
     assert pruner.prune(study, running("random", 0.2))
     assert pruner.prune(study, running("probe", 0.8))
     assert not PeerMedianPruner(n_startup_trials=4).prune(study, running("random", 0.2))  # too few peers yet
+
+
+def test_two_workers_racing_to_queue_the_second_stage_queue_it_once():
+    """Both decided it was due before either marked the study: the second enqueue finds the same
+    parameters already waiting and Optuna skips them, so no budget is spent twice."""
+    from autotransfer.portfolio import _enqueue
+
+    opening = _opening()
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_probe_trial("a", 0.8))
+    study.add_trial(_probe_trial("b", 0.7))
+    _, due = opening.follow_up(study.get_trials(deepcopy=False))
+    for _worker in range(2):
+        _enqueue(study, due, opening.config.trials)
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs[PORTFOLIO_ATTR] for t in waiting] == ["fine-tune", "lp-ft"]
