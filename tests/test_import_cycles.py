@@ -1,0 +1,30 @@
+"""scripts/import_cycles.py, the check behind issue 17's "no import circle": it must find real circles."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_cycles.py"
+spec = importlib.util.spec_from_file_location("import_cycles", SCRIPT)
+import_cycles = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(import_cycles)
+
+
+def test_circles_are_the_strongly_connected_components_of_more_than_one_module():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": set(), "g": {"g"}}
+    assert import_cycles.circles(edges) == [["a", "b", "c"], ["d", "e"]]
+    assert import_cycles.circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_imports_are_read_relative_absolute_inside_functions_and_not_under_type_checking():
+    edges = import_cycles.graph(module_level=False)
+    assert "autotransfer.portfolio" in edges["autotransfer.search"]  # from .portfolio import ...
+    assert "autotransfer.bench.methods" in edges and "autotransfer.search" in edges["autotransfer.bench.methods"]
+    assert "autotransfer.events" not in edges["autotransfer.hookspecs"]  # only under TYPE_CHECKING
+    inside = edges["autotransfer.probe"]  # sklearn and threadpoolctl only: no package import
+    assert inside == set()
+    top = import_cycles.graph(module_level=True)
+    assert top["autotransfer.search"] <= edges["autotransfer.search"]
+    methods = "autotransfer.bench.methods"  # imports backbones only inside linear_probe()
+    assert "autotransfer.backbones" in edges[methods] and "autotransfer.backbones" not in top[methods]
