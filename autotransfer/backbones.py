@@ -19,17 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config import RANDOM_WEIGHTS, SearchConfig
 from .errors import UserError, WeightsUnavailable
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the backbone was pretrained on: input size and normalisation."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 0.875
+from .preprocessing import Preprocessing  # defined apart so checkpoints need not import this module
 
 
 @dataclass(frozen=True)
@@ -375,3 +367,20 @@ def provider_for(model_name: str, registries) -> object:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UserError(f"unknown backbone {model_name!r}{hint}; use a timm model name or one served by a plugin "
                     "(see `autotransfer plugins`)")
+
+
+def weights_label(request: WeightsRequest, source: str) -> str:
+    """The leaderboard's `pretrained` column: what the trial actually started from."""
+    if request.file:
+        return "file"
+    if source == "random init" or source.startswith("checkpoint:"):
+        return source.split(":", 1)[0]
+    return "pretrained"  # hub weights, or a plugin's own pretrained weights (wherever it keeps them)
+
+
+def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
+    """--weights NAME=PATH, --weights NAME=random, else the default weights unless --no-pretrained."""
+    file = config.weights.get(backbone)
+    if file == RANDOM_WEIGHTS:
+        return WeightsRequest(pretrained=False)
+    return WeightsRequest(pretrained=config.pretrained, file=file)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .backbones import provider_for
+from .backbones import provider_for, weights_label, weights_request
 from .errors import UserError
 from .features import FeatureCache, extract
 from .scorers import NotApplicable
@@ -58,7 +58,6 @@ def check_scorers(registries, names: list[str]) -> list:
 def score_backbones(search, scorer_names: list[str], backbones: list[str] | None = None) -> list[BackboneScores]:
     """Score every backbone of a prepared Search on its training split; features are cached under
     the run folder, keyed by weights, pixels and preprocessing."""
-    from .search import weights_label, weights_request
 
     scorers = check_scorers(search.registries, scorer_names)
     cache = FeatureCache(search.out / FEATURES_DIR)

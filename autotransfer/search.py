@@ -24,7 +24,7 @@ import optuna
 import torch
 
 from . import leaderboard
-from .backbones import BackboneInfo, WeightsRequest, provider_for
+from .backbones import BackboneInfo, provider_for, weights_label, weights_request
 from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
 from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
@@ -39,10 +39,10 @@ from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, sugges
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
 from .trainer import EpochStats, NonFiniteLoss, TrialInputs
+from .worker import ELAPSED_ATTR
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-ELAPSED_ATTR = "autotransfer_elapsed_s"
 PRERANK_ATTR = "autotransfer_prerank"
 RUN_FILE = "run.json"
 CONFIG_WAIT_S = 30.0  # how long a joining process waits for the creator to store the configuration
@@ -191,23 +191,6 @@ def check_memory(images: int, decode_size: int, crop: int, batch_size: int, avai
         raise UserError(f"{crop} px crops (decoded at {decode_size} px) need at least {floor / 2**30:.1f} GiB for "
                         f"one image and one batch of {min(batch_size, images)}, before activations; "
                         f"{available / 2**30:.1f} GiB is available; lower --image-size or --batch-size")
-
-
-def weights_label(request: WeightsRequest, source: str) -> str:
-    """The leaderboard's `pretrained` column: what the trial actually started from."""
-    if request.file:
-        return "file"
-    if source == "random init" or source.startswith("checkpoint:"):
-        return source.split(":", 1)[0]
-    return "pretrained"  # hub weights, or a plugin's own pretrained weights (wherever it keeps them)
-
-
-def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
-    """--weights NAME=PATH, --weights NAME=random, else the default weights unless --no-pretrained."""
-    file = config.weights.get(backbone)
-    if file == RANDOM_WEIGHTS:
-        return WeightsRequest(pretrained=False)
-    return WeightsRequest(pretrained=config.pretrained, file=file)
 
 
 # --------------------------------------------------------------------------- progress

@@ -29,6 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .resilience import KEY_ATTR, CheckpointStore, TrialTakenOver, checkpoint_key
 from .storage import grace_period
 
+ELAPSED_ATTR = "autotransfer_elapsed_s"  # on the study: search seconds spent over all runs, for --timeout
+
 log = logging.getLogger(__name__)
 WORKER_ATTR = "worker"  # host:pid of the process running the trial; marks trials that send heartbeats
 POLL_S = 2.0
@@ -183,7 +185,7 @@ class WorkerLoop:
             raise
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        study.set_user_attr(_elapsed_attr(), self.elapsed_before + time.monotonic() - self.started)
+        study.set_user_attr(ELAPSED_ATTR, self.elapsed_before + time.monotonic() - self.started)
         reason = trial.user_attrs.get("reason", "")
         if reason != SURPLUS and not reason.startswith(DUPLICATE):
             CheckpointStore.for_key(self.search.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
@@ -226,12 +228,6 @@ class WorkerLoop:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, frozen)
-
-
-def _elapsed_attr() -> str:
-    from .search import ELAPSED_ATTR
-
-    return ELAPSED_ATTR
 
 
 def fail_stale(study: optuna.Study) -> None:

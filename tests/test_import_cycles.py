@@ -28,3 +28,8 @@ def test_imports_are_read_relative_absolute_inside_functions_and_not_under_type_
     assert top["autotransfer.search"] <= edges["autotransfer.search"]
     methods = "autotransfer.bench.methods"  # imports backbones only inside linear_probe()
     assert "autotransfer.backbones" in edges[methods] and "autotransfer.backbones" not in top[methods]
+
+
+def test_the_package_has_no_import_circle():
+    edges = import_cycles.graph(module_level=False)
+    assert import_cycles.circles(edges) == [], "run scripts/import_cycles.py to see the circle"
