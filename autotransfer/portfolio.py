@@ -109,9 +109,11 @@ class Opening:
         found = self.recipes_of(best)
         return best, [(kind, found[kind]) for kind in KINDS[1:] if kind in found]
 
-    def queue_first(self, study: optuna.Study) -> list[tuple[str, dict]]:
-        """Queue stage 1 in a new study; returns what was queued (cut at --trials)."""
-        return _enqueue(study, self.first(), self.config.trials)
+    def queue_first(self, study: optuna.Study) -> tuple[list[tuple[str, dict]], int]:
+        """Queue stage 1 in a new study; returns what was queued (cut at --trials) and how many were cut."""
+        wanted = self.first()
+        queued = _enqueue(study, wanted, self.config.trials)
+        return queued, len(wanted) - len(queued)
 
     def queue_due(self, study: optuna.Study) -> list[tuple[str, dict]]:
         """Queue stage 2 if it is due and not yet queued; returns what was queued."""

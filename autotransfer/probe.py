@@ -66,10 +66,10 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
               cs: tuple[float, ...] | list[float] = PROBE_CS, blas_threads: int | None = BLAS_THREADS) -> Probe:
     """Fit the probe on the training split only (see the module docstring)."""
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     start = time.perf_counter()
     features = np.asarray(features, dtype=np.float64)

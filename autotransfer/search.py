@@ -393,14 +393,11 @@ class Search:
     def open_with_portfolio(self, study: optuna.Study, progress: Progress) -> None:
         """Queue the opening's first stage (the probes; everything when nothing can be probed). Only the
         process that created the study does this; the second stage is queued by the worker loop once due."""
-        opening = self.opening()
-        queue = opening.queue_first(study)
-        wanted = opening.first()
+        queue, cut = self.opening().queue_first(study)
         if queue:
             counts = {kind: sum(k == kind for k, _ in queue) for kind in KINDS}
             then = ("; then a fine-tune and LP-FT of the best-probed backbone, then the sampler"
                     if counts["probe"] == len(queue) else "; then the sampler")
-            cut = len(wanted) - len(queue)
             progress.say(f"opening with {len(queue)} known recipe(s): " +
                          ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) +
                          (f" ({cut} more left out: --trials {self.config.trials})" if cut else then) +
@@ -409,13 +406,14 @@ class Search:
     def _follow_up(self, progress: Progress) -> Callable[[optuna.Study], None]:
         """What the worker loop runs before each trial: queue the opening's second stage once it is due.
         Once the study says it is queued (by this worker or another), later calls read nothing."""
-        opening, settled = self.opening(), [not self.config.portfolio]
+        opening, settled = self.opening(), not self.config.portfolio
 
         def queue(study: optuna.Study) -> None:
-            if settled[0]:
+            nonlocal settled
+            if settled:
                 return
             queued = opening.queue_due(study)
-            settled[0] = FOLLOW_UP_ATTR in study.user_attrs
+            settled = FOLLOW_UP_ATTR in study.user_attrs
             if queued:
                 backbone = queued[0][1]["backbone"]
                 progress.say(f"opening, second stage: {' and '.join(kind for kind, _ in queued)} of {backbone}, "

@@ -2,9 +2,10 @@
 
 Runs `autotransfer search --trials 1 --no-portfolio` once per (dataset, recipe, backbone, seed), the
 space pinned to that one recipe (trial 0, so its seed is the search's `--seed`, as in the bench's
-`seed-recipe` cell), on the nightly-cpu datasets, image sizes and epochs, and writes each trial's val
-and test accuracy (test: the dataset's test split, or its val split under `--val-as-test`) and wall
-time to benchmarks/results/issue16-recipes.csv. Needs ../shared (datasets and the MobileNetV1 weights).
+`seed-recipe` cell), on the datasets, pretrained backbones, image sizes, epochs and environment of a
+bench suite (default `suites/nightly-cpu.toml`), and writes each trial's val and test accuracy (test:
+the dataset's test split, or its val split under the suite's `val_as_test`) and wall time to
+benchmarks/results/issue16-recipes.csv. Needs ../shared (datasets and the MobileNetV1 weights).
 
     python benchmarks/recipes.py [--datasets digits,hymenoptera,cifar10_small] [--seeds 0,1,2]
 """
@@ -22,16 +23,12 @@ from datetime import date
 from pathlib import Path
 
 from autotransfer.bench.store import cpu_model
+from autotransfer.bench.suite import Suite, load_suite
+from autotransfer.config import RANDOM_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-BACKBONES = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
-DATASETS = {  # name: (--dataset, --image-size, extra flags), as in benchmarks/suites/nightly-cpu.toml
-    "digits": ("builtin:digits", 32, []),
-    "hymenoptera": (str(SHARED / "datasets" / "hymenoptera"), 128, ["--val-as-test"]),
-    "cifar10_small": (str(SHARED / "datasets" / "cifar10_small"), 64, []),
-}
-RECIPES = {  # name: the flags that pin the space to it (linear head, Adam, 3 epochs)
+SUITE = ROOT / "benchmarks" / "suites" / "nightly-cpu.toml"
+RECIPES = {  # name: the flags that pin the space to it (linear head, Adam, the suite's epochs)
     "fine-tune lr 1e-3": ["--frozen-stages", "0", "--head-init", "random", "--lr", "1e-3"],
     "fine-tune lr 3e-3": ["--frozen-stages", "0", "--head-init", "random", "--lr", "3e-3"],
     "lp-ft frozen 0 lr 1e-4": ["--frozen-stages", "0", "--head-init", "probe", "--lr", "1e-4"],
@@ -43,14 +40,23 @@ CHOSEN = re.compile(r"chosen: trial 0 by val_accuracy ([0-9.]+)")
 TESTED = re.compile(r"^test_accuracy ([0-9.]+)", re.MULTILINE)
 
 
-def run_cell(dataset: str, recipe: str, backbone: str, seed: int, epochs: int, work: Path) -> dict:
-    path, size, extra = DATASETS[dataset]
+def short_name(spec: str) -> str:
+    """The CSV's dataset column: `digits` for builtin:digits, else the folder's name."""
+    return spec.split(":")[-1] if spec.startswith("builtin:") else Path(spec).name
+
+
+def run_cell(suite: Suite, spec: str, recipe: str, backbone: str, seed: int, work: Path) -> dict:
+    dataset, path = short_name(spec), suite.resolve_dataset(spec)
+    if path is None:
+        raise SystemExit(f"dataset {spec} of {suite.path} is missing (see ../shared/README.md)")
+    extra = ["--val-as-test"] if spec in suite.val_as_test else []
+    size = suite.image_size_for(spec)
     out = work / f"{dataset}-{recipe.replace(' ', '_')}-{backbone}-{seed}"
     command = [sys.executable, "-m", "autotransfer.cli", "search", "--dataset", path, "--backbones", backbone,
-               "--image-size", str(size), "--epochs", str(epochs), "--trials", "1", "--seed", str(seed),
-               "--no-portfolio", "--optimizers", "adam", "--heads", "linear", *RECIPES[recipe], *extra,
-               "--out", str(out)]
-    env = {**os.environ, "AUTOTRANSFER_MOBILENETV1_WEIGHTS": str(SHARED / "weights")}
+               *(["--image-size", str(size)] if size else []), "--epochs", str(suite.budget.epochs),
+               "--trials", "1", "--seed", str(seed), "--no-portfolio", "--optimizers", "adam", "--heads", "linear",
+               *RECIPES[recipe], *extra, "--out", str(out)]
+    env = {**os.environ, **suite.env}
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -58,33 +64,35 @@ def run_cell(dataset: str, recipe: str, backbone: str, seed: int, epochs: int, w
     if done.returncode != 0 or val is None or test is None:
         raise SystemExit(f"{' '.join(command)} failed (rc {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return {"date": date.today().isoformat(), "cpu": cpu_model(),
-            "dataset": dataset, "recipe": recipe, "backbone": backbone, "seed": seed, "epochs": epochs,
+            "dataset": dataset, "recipe": recipe, "backbone": backbone, "seed": seed, "epochs": suite.budget.epochs,
             "val_accuracy": float(val.group(1)), "test_accuracy": float(test.group(1)),
             "wall_s": round(wall, 2), "flags": " ".join(RECIPES[recipe] + extra)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--suite", default=str(SUITE), help="datasets, backbones, sizes, epochs and env from here")
+    parser.add_argument("--datasets", default=None, help="comma list of short names (default: the suite's)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma list of the recipe names above")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-recipes"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "issue16-recipes.csv"))
     args = parser.parse_args()
-    if not (SHARED / "weights").is_dir():
-        raise SystemExit(f"needs {SHARED}/weights and datasets (see ../shared/README.md)")
-    rows = [run_cell(dataset, recipe, backbone, int(seed), args.epochs, Path(args.work))
-            for dataset in args.datasets.split(",") for seed in args.seeds.split(",")
-            for backbone in BACKBONES for recipe in args.recipes.split(",")]
+    suite = load_suite(args.suite)
+    specs = [spec for spec in suite.datasets
+             if args.datasets is None or short_name(spec) in args.datasets.split(",")]
+    backbones = [name for name in suite.backbones if suite.weights.get(name) != RANDOM_WEIGHTS]  # pretrained only
+    rows = [run_cell(suite, spec, recipe, backbone, int(seed), Path(args.work))
+            for spec in specs for seed in args.seeds.split(",")
+            for backbone in backbones for recipe in args.recipes.split(",")]
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    for dataset in args.datasets.split(","):
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
         print(dataset)
         for recipe in args.recipes.split(","):
-            for backbone in BACKBONES:
+            for backbone in backbones:
                 cells = [r for r in rows if r["dataset"] == dataset and r["recipe"] == recipe and r["backbone"] == backbone]
                 mean = sum(r["test_accuracy"] for r in cells) / len(cells)
                 print(f"  {recipe:24s} {backbone:28s} test {mean:.4f} over {len(cells)} seed(s)")
