@@ -200,6 +200,10 @@ def test_the_opening_never_queues_past_the_budget_and_without_probes_queues_ever
     assert [kind for kind, _ in opening.queue_due(study)] == ["fine-tune"]  # 2 probes + 1: the budget of 3
     assert len(study.trials) == 3
 
+    one = _opening(trials=1)
+    queued, cut = one.queue_first(optuna.create_study(direction="maximize"))
+    assert [(kind, p["backbone"]) for kind, p in queued] == [("probe", "a")] and cut == 1  # "1 more left out"
+
     random_only = _opening(pretrained={"r": False, "s": False})
     assert [(kind, p["backbone"]) for kind, p in random_only.first()] == [("fine-tune", "r"), ("fine-tune", "s")]
 
