@@ -254,7 +254,7 @@ def _search(args: argparse.Namespace) -> int:
     if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
         print("\nbest per backbone:\n")
         print(leaderboard.to_markdown(leaderboard.per_backbone(frame)))
-    print("\n" + selection_summary(study, frame, has_test=len(search.test_refs[0]) > 0))
+    print("\n" + selection_summary(study, frame, has_test=len(search.test_refs[0]) > 0, best_dir=out / "best"))
     if not options.quiet:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
               f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .record import CONFIG_KEY
 from .errors import UserError
 
 DEFAULT_BACKBONES = ("resnet18.a1_in1k", "efficientnet_b0.ra_in1k", "mobilenetv3_large_100.ra_in1k")
@@ -19,7 +20,7 @@ PRUNERS = ("median", "hyperband", "none")
 HEAD_INITS = ("random", "probe")  # a linear head on trainable stages starts at random or from the probe (LP-FT)
 CPU_IMAGE_SIZE_CAP = 160
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
-CONFIG_ATTR = "autotransfer_config"
+CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
 
 # Fields that may change between runs of one study: they steer the run (budget, memory, speed),
 # not what a trial trains on.

@@ -30,10 +30,10 @@ from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel,
 from .data import ImageSet, eval_transform, to_device, train_transform
 from .features import FeatureCache, extract, fingerprint, images_digest, tensors_digest
 from .probe import Probe, fit_probe
-from .train_state import TrainState
-from .trainer import (EpochStats, Trainee, TrialInputs, autocast_for, feature_batches, fit, memory_format,
-                      eval_batch, probe_on_features, rows_accuracy, train, train_on_features,
-                      wants_channels_last)
+from .trainer import (EpochStats, FitSettings, Trainee, TrialInputs, autocast_for, feature_batches, fit,
+                      memory_format, eval_batch, no_report, probe_on_features, rows_accuracy, train,
+                      train_on_features, wants_channels_last)
+
 
 DEFAULT_VIEWS = 2
 GiB = 1 << 30
@@ -62,28 +62,6 @@ class CachePolicy:
     memory: int = 2 * GiB  # byte budget of the in-memory boundary cache
     seed: int = 0  # seeds the augmented views; one per search, so trials can share them
     folder: Path | None = None  # the on-disk feature cache; None keeps features in memory only
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """How a trial trains, whichever path it takes."""
-
-    optimizer_name: str
-    lr: float
-    epochs: int
-    batch_size: int
-    device: torch.device
-    seed: int
-    compile: bool = False
-    accumulation: int = 1  # micro-batches per batch (the out-of-memory retry uses 2)
-    resume: TrainState | None = None  # continue after this checkpoint's epoch
-    on_checkpoint: Callable[[TrainState], None] | None = None  # gets the state after every epoch
-    probe: bool = False  # fully frozen linear head: fit it to convergence (probe.py), not for `epochs`
-
-    def kwargs(self) -> dict:
-        return {"optimizer_name": self.optimizer_name, "lr": self.lr, "epochs": self.epochs,
-                "batch_size": self.batch_size, "device": self.device, "seed": self.seed, "compile": self.compile,
-                "accumulation": self.accumulation, "resume": self.resume, "on_checkpoint": self.on_checkpoint}
 
 
 @dataclass
@@ -190,8 +168,7 @@ class TrialCaches:
                                          torch.from_numpy(val_found.features), val_set.labels, seed=settings.seed,
                                          device=settings.device, on_epoch=on_epoch)
             return train_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
-                                     torch.from_numpy(val_found.features), val_set.labels, on_epoch=on_epoch,
-                                     **settings.kwargs())
+                                     torch.from_numpy(val_found.features), val_set.labels, settings, on_epoch)
         spent = sum(found.seconds for found in (train_found, val_found) if not found.cached)
         return TrialPath("features", run, settings, note, cache_seconds=lambda: spent)
 
@@ -241,8 +218,8 @@ class TrialCaches:
             note += "; compile skipped on the boundary path"
 
         def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
-            return train_from_boundary(model, boundary, filler, entry, on_epoch=on_epoch, channels_last=layout,
-                                       **{**settings.kwargs(), "compile": False})
+            return train_from_boundary(model, boundary, filler, entry, replace(settings, compile=False), on_epoch,
+                                       channels_last=layout)
         return TrialPath("boundary", run, settings, note, lambda: note + "; " + _describe(counts),
                          lambda: counts.seconds)
 
@@ -399,7 +376,7 @@ def _origin(found) -> str:
 def plain_path(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, settings: FitSettings,
                note: str = "") -> TrialPath:
     def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
-        return train(model, train_set, val_set, inputs, on_epoch=on_epoch, **settings.kwargs())
+        return train(model, train_set, val_set, inputs, settings, on_epoch)
     return TrialPath("plain", run, settings, note)
 
 
@@ -418,11 +395,8 @@ def _store_device(device: torch.device, needed: int, share: float = 0.5) -> torc
 
 
 def train_from_boundary(model: nn.Module, boundary: Boundary, fill: Callable[[int], torch.Tensor],
-                        entry: BoundaryEntry, *, optimizer_name: str, lr: float, epochs: int, batch_size: int,
-                        device: torch.device, seed: int, on_epoch: Callable[[EpochStats], None] = lambda stats: None,
-                        compile: bool = False, channels_last: bool = False, accumulation: int = 1,
-                        resume: TrainState | None = None,
-                        on_checkpoint: Callable[[TrainState], None] | None = None) -> list[EpochStats]:
+                        entry: BoundaryEntry, settings: FitSettings, on_epoch: Callable[[EpochStats], None] = no_report,
+                        channels_last: bool = False) -> list[EpochStats]:
     """The partly frozen path: train the part after the boundary on cached activations, epoch e on
     view e mod V (`fill(index)` gives part `index` of `entry`, computing it if need be), with the
     plain path's optimizer, schedule, batches and seed."""
@@ -436,8 +410,7 @@ def train_from_boundary(model: nn.Module, boundary: Boundary, fill: Callable[[in
 
         replayed = ReplayedModel(model, replay)
         trainee = Trainee(replayed, len(entry.labels),
-                          feature_batches(_Views(part, views), entry.labels, batch_size, device, channels_last),
-                          lambda: rows_accuracy(replayed, part(views), entry.val_labels, device))
-        return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size,
-                   device=device, seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation,
-                   resume=resume, on_checkpoint=on_checkpoint, state_module=model)
+                          feature_batches(_Views(part, views), entry.labels, settings.batch_size, settings.device,
+                                          channels_last),
+                          lambda: rows_accuracy(replayed, part(views), entry.val_labels, settings.device))
+        return fit(trainee, settings, on_epoch, state_module=model)

@@ -1,7 +1,7 @@
 """The test split's one use: score the model a search chose, once, after the choice.
 
 Invariant: nothing here runs before the search has chosen. The chosen model is the one in
-`best/` (the best trial by val accuracy); it is scored on the test split through the predict
+`best/` (chosen by val accuracy, selection.py); it is scored on the test split through the predict
 path, and the result is stored in the study (`TEST_ATTR`) and in `best/model.json`. The score is
 keyed by the trial it belongs to, so with several workers whoever finishes the study computes it
 once (under the best/ lock) and everyone else reads it back; a later, better trial gets its own.
@@ -18,12 +18,13 @@ import numpy as np
 import optuna
 import torch
 
+from .record import TEST_KEY
 from .data import ImageRef, ImageSet
 from .model import CONFIG_FILE
 from .predict import SplitScore, score_model
 from .resilience import best_lock
 
-TEST_ATTR = "autotransfer_test"
+TEST_ATTR = TEST_KEY  # the study attribute (record.py)
 UNFINISHED = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 
 
@@ -77,14 +78,21 @@ def _write_into_card(best: Path, score: SplitScore) -> None:
     os.replace(staging, card_file)
 
 
-def selection_summary(study: optuna.Study, frame, *, has_test: bool) -> str:
-    """The closing lines of a search: which number chose the model, and which one nothing chose with."""
+def selection_summary(study: optuna.Study, frame, *, has_test: bool, best_dir: Path | None = None) -> str:
+    """The closing lines of a search: which number chose the model (the trial in `best_dir`; the
+    leaderboard's first without one), and which one nothing chose with."""
     complete = frame[frame["state"] == "COMPLETE"]
     if not len(complete):
         return "no trial completed, so no model was chosen"
-    best = complete.iloc[0]
+    saved = saved_trial(best_dir) if best_dir is not None else None
+    rows = complete[complete["trial"] == saved] if saved is not None else complete.iloc[:0]
+    best = rows.iloc[0] if len(rows) else complete.iloc[0]
     chosen = (f"chosen: trial {int(best['trial'])} by val_accuracy {float(best['val_accuracy']):.4f} "
               "(the number the choice was made on, so it is optimistic)")
+    if int(best["trial"]) != int(complete.iloc[0]["trial"]):
+        top = complete.iloc[0]
+        chosen += (f"\n  trial {int(top['trial'])}'s val_accuracy {float(top['val_accuracy']):.4f} is within the "
+                   "standard error of this val set, so the earlier, cheaper trial stays chosen")
     if not has_test:
         return (chosen + "\nno test split: for an accuracy no choice saw, add test/ beside train/ "
                 "(or CSV split=test, or --val-as-test)")

@@ -7,69 +7,103 @@ never takes part in the ranking.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
 import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
 
-COLUMNS = [
-    "rank", "trial", "state", "val_accuracy", "test_accuracy", "backbone", "pretrained", "frozen_stages", "num_stages",
-    "head", "head_hidden", "head_dropout", "head_init", "lr", "optimizer", "epochs", "trainable_params", "total_params",
-    "duration_s", "image_size", "cache", "reason",
-]
+from .record import TrialRecord
+
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
 
-def _reason(trial: optuna.trial.FrozenTrial, retries: dict[int, int]) -> str:
+@dataclass(frozen=True)
+class Row:
+    """What a column reads: the trial, its record (record.py), the stored test score and the retries."""
+
+    trial: FrozenTrial
+    record: TrialRecord
+    test: dict | None
+    retries: dict[int, int]
+
+    @property
+    def mlp(self) -> bool:
+        return self.trial.params.get("head") == "mlp"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    value: Callable[[Row], Any]
+    integer: bool = False  # a nullable integer column (pandas Int64)
+
+
+def _accuracy(row: Row) -> float | None:
+    trial = row.trial
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+def _test(row: Row) -> float | None:
+    return row.test["test_accuracy"] if row.test is not None and row.test.get("trial") == row.trial.number else None
+
+
+def _duration(row: Row) -> float | None:
+    trial, duration = row.trial, row.record.duration_s
+    if duration is None and trial.datetime_complete and trial.datetime_start:
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return round(duration, 2) if duration is not None else None
+
+
+def _reason(row: Row) -> str:
     """The recorded reason; a failed trial without one was failed by the storage's heartbeat check
     (its worker was killed, frozen or cut off before it could record anything)."""
-    reason = trial.user_attrs.get("reason", "")
-    if reason or trial.state != optuna.trial.TrialState.FAIL:
+    trial, reason = row.trial, row.record.reason
+    if reason or trial.state != TrialState.FAIL:
         return reason
-    if trial.number in retries:
-        return f"heartbeat: its worker stopped (killed, frozen or cut off); retried as trial {retries[trial.number]}"
+    if trial.number in row.retries:
+        return f"heartbeat: its worker stopped (killed, frozen or cut off); retried as trial {row.retries[trial.number]}"
     return "heartbeat: its worker stopped (killed, frozen or cut off) before recording why"
 
 
-def _row(trial: optuna.trial.FrozenTrial, test: dict | None, retries: dict[int, int]) -> dict:
-    params, attrs = trial.params, trial.user_attrs
-    state = trial.state.name
-    if state == "COMPLETE":
-        accuracy = trial.value
-    elif trial.intermediate_values:
-        accuracy = trial.intermediate_values[max(trial.intermediate_values)]
-    else:
-        accuracy = None
-    if attrs.get("duration_s") is not None:
-        duration = attrs["duration_s"]
-    elif trial.datetime_complete and trial.datetime_start:
-        duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    else:
-        duration = None
-    head = params.get("head")
-    return {
-        "trial": trial.number,
-        "state": state,
-        "val_accuracy": accuracy,
-        "test_accuracy": test["test_accuracy"] if test is not None and test.get("trial") == trial.number else None,
-        "backbone": params.get("backbone"),
-        "pretrained": attrs.get("pretrained"),
-        "frozen_stages": attrs.get("frozen_stages", params.get("frozen_stages")),
-        "num_stages": attrs.get("num_stages"),
-        "head": head,
-        "head_hidden": params.get("head_hidden") if head == "mlp" else None,
-        "head_dropout": params.get("head_dropout", attrs.get("head_dropout")) if head == "mlp" else None,
-        "head_init": attrs.get("head_init"),  # probe: the converged probe (whole backbone frozen) or LP-FT's start
-        "lr": params.get("lr", attrs.get("lr")),
-        "optimizer": params.get("optimizer"),
-        "epochs": attrs.get("epochs_done", len(trial.intermediate_values)),
-        "trainable_params": attrs.get("trainable_params"),
-        "total_params": attrs.get("total_params"),
-        "duration_s": round(duration, 2) if duration is not None else None,
-        "image_size": attrs.get("image_size"),
-        "cache": attrs.get("cache"),
-        "reason": _reason(trial, retries),
-    }
+def _param(name: str) -> Callable[[Row], Any]:
+    return lambda row: row.trial.params.get(name)
+
+
+# The leaderboard, column by column (after "rank"): adding a column is adding its line here.
+TABLE = [
+    Column("trial", lambda row: row.trial.number),
+    Column("state", lambda row: row.trial.state.name),
+    Column("val_accuracy", _accuracy),
+    Column("test_accuracy", _test),
+    Column("backbone", _param("backbone")),
+    Column("pretrained", lambda row: row.record.pretrained),
+    Column("frozen_stages", lambda row: row.trial.params.get("frozen_stages") if row.record.frozen_stages is None
+           else row.record.frozen_stages, integer=True),
+    Column("num_stages", lambda row: row.record.num_stages, integer=True),
+    Column("head", _param("head")),
+    Column("head_hidden", lambda row: row.trial.params.get("head_hidden") if row.mlp else None, integer=True),
+    Column("head_dropout", lambda row: (row.trial.params.get("head_dropout", row.record.head_dropout)
+                                        if row.mlp else None)),
+    Column("head_init", lambda row: row.record.head_init),  # probe: the converged probe, or LP-FT's start
+    Column("lr", lambda row: row.trial.params.get("lr", row.record.lr)),
+    Column("optimizer", _param("optimizer")),
+    Column("epochs", lambda row: (len(row.trial.intermediate_values) if row.record.epochs_done is None
+                                  else row.record.epochs_done), integer=True),
+    Column("trainable_params", lambda row: row.record.trainable_params, integer=True),
+    Column("total_params", lambda row: row.record.total_params, integer=True),
+    Column("duration_s", _duration),
+    Column("image_size", lambda row: row.record.image_size, integer=True),
+    Column("cache", lambda row: row.record.cache),
+    Column("reason", _reason),
+]
+COLUMNS = ["rank", *(column.name for column in TABLE)]
 
 
 def retried_from(trial: optuna.trial.FrozenTrial) -> int:
@@ -86,8 +120,8 @@ def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     test = stored_score(study)
     trials = study.get_trials(deepcopy=False)
     retries = {retried_from(t): t.number for t in trials if "failed_trial" in t.system_attrs}
-    rows = [_row(t, test, retries) for t in trials]
-    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    rows = [Row(t, TrialRecord.of(t), test, retries) for t in trials]
+    frame = pd.DataFrame([{column.name: column.value(row) for column in TABLE} for row in rows], columns=COLUMNS[1:])
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
     frame["_order"] = frame["state"].map(STATE_ORDER).fillna(9)
@@ -96,9 +130,9 @@ def leaderboard_frame(study: optuna.Study) -> pd.DataFrame:
     frame = frame.drop(columns=["_order", "_acc"]).reset_index(drop=True)
     complete = frame["state"] == "COMPLETE"
     frame.insert(0, "rank", pd.array([i + 1 if c else None for i, c in enumerate(complete)], dtype="Int64"))
-    for column in ("frozen_stages", "num_stages", "head_hidden", "epochs", "trainable_params", "total_params",
-                   "image_size"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    for column in TABLE:
+        if column.integer:
+            frame[column.name] = pd.to_numeric(frame[column.name], errors="coerce").astype("Int64")
     return frame
 
 

@@ -74,6 +74,7 @@ class ModelCard:
     mean: list[float]
     std: list[float]
     val_accuracy: float | None = None  # what chose this model among the trials: optimistic
+    val_images: int | None = None  # how many images that val accuracy was measured on (selection.py's margin)
     trial: int | None = None
     test_accuracy: float | None = None  # on the test split, scored once after the choice; None without one
     test_images: int | None = None

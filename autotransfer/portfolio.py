@@ -34,9 +34,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import SearchConfig, parse_frozen_spec, resolve_stage
+from .record import FOLLOW_UP_KEY, key
 
-PORTFOLIO_ATTR = "portfolio"  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
-FOLLOW_UP_ATTR = "portfolio_follow_up"  # on the study: the backbone stage 2 was queued for
+PORTFOLIO_ATTR = key("portfolio")  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
+FOLLOW_UP_ATTR = FOLLOW_UP_KEY  # on the study: the backbone stage 2 was queued for
 LP_FT_LR, FT_LR = 1e-4, 3e-3  # the recipes' learning rates: low after a probe start, moderate from random
 KINDS = ("probe", "fine-tune", "lp-ft")  # the order they are queued in (see the module docstring)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)

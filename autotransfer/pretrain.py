@@ -22,7 +22,7 @@ from .heads import HeadConfig
 from .model import assemble
 from .plugins import registries
 from .search import resolve_device, trial_inputs, weights_label
-from .trainer import EpochStats, NonFiniteLoss, train
+from .trainer import EpochStats, FitSettings, NonFiniteLoss, train
 
 
 @dataclass
@@ -85,9 +85,8 @@ def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool 
 
     train_set, val_set = data.train.at_size(inputs.resize_size), data.val.at_size(inputs.resize_size)
     try:
-        history = train(model, train_set, val_set, inputs, optimizer_name=config.optimizer, lr=config.lr,
-                        epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
-                        on_epoch=on_epoch)
+        settings = FitSettings(config.optimizer, config.lr, config.epochs, config.batch_size, device, config.seed)
+        history = train(model, train_set, val_set, inputs, settings, on_epoch)
     except NonFiniteLoss as exc:
         raise UserError(f"pretraining diverged: {exc}; lower --lr") from None
     val_accuracy = history[-1].val_accuracy if len(data.val) else None

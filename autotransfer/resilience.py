@@ -17,6 +17,8 @@ import optuna
 import torch
 from torch import nn
 
+from .record import TrialRecord, key, write
+from .selection import replaces
 from .fastpath import TrialPath
 from .model import CONFIG_FILE, ModelCard, TransferModel, save_model
 from .train_state import TrainState, load_trained_tensors, trained_tensors
@@ -25,9 +27,9 @@ from .trainer import EpochStats
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
-KEY_ATTR = "checkpoint_key"  # set on a trial's first run; retried copies inherit it with the user attrs
-RESUMED_ATTR = "resumed_from_epoch"
-OOM_RETRY_ATTR = "oom_retry"
+KEY_ATTR = key("checkpoint_key")  # set on a trial's first run; retried copies inherit it with the user attrs
+RESUMED_ATTR = key("resumed_from_epoch")
+OOM_RETRY_ATTR = key("oom_retry")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class CheckpointStore:
 
 
 def checkpoint_key(user_attrs: dict[str, Any], number: int) -> int:
-    return int(user_attrs.get(KEY_ATTR, number))
+    stored = TrialRecord.from_attrs(user_attrs).checkpoint_key
+    return number if stored is None else int(stored)
 
 
 def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: TrialPath,
@@ -93,7 +96,7 @@ def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: Tria
                 raise
         accumulation = 2
         release_memory(device)  # outside the except block, so the traceback's tensors are gone
-        trial.set_user_attr(OOM_RETRY_ATTR, f"batch {batch_size} as 2 x {batch_size // 2} (gradient accumulation)")
+        write(trial, oom_retry=f"batch {batch_size} as 2 x {batch_size // 2} (gradient accumulation)")
         log.warning("trial %d: CUDA out of memory at batch %d; retrying at %d with gradient accumulation",
                     trial.number, batch_size, batch_size // 2)
         resume = store.load()
@@ -113,10 +116,10 @@ def taken_over(trial: optuna.Trial) -> bool:
 
 def replay(trial: optuna.Trial, state: TrainState) -> None:
     """Give the resuming trial its predecessor's finished epochs, for the pruner and the leaderboard."""
-    trial.set_user_attr(RESUMED_ATTR, state.epoch)
+    write(trial, resumed_from_epoch=state.epoch)
     for stats in state.history:
         trial.report(stats["val_accuracy"], stats["epoch"])
-    trial.set_user_attr("epochs_done", state.epoch)
+    write(trial, epochs_done=state.epoch)
 
 
 def release_memory(device: torch.device) -> None:
@@ -129,9 +132,9 @@ def release_memory(device: torch.device) -> None:
 
 def publish_best(study: optuna.Study, model: nn.Module, card: ModelCard, folder: Path,
                  history: Path | None = None) -> bool:
-    """Compare with what best/ holds and replace it only when better, under a file lock, so two
-    workers finishing together cannot leave the worse model there. Ties go to the lower trial
-    number, as on the leaderboard. With `history`, every model that was best/ is also kept as
+    """Compare with what best/ holds and replace it only when the new trial is better by the margin
+    of `selection.replaces`, under a file lock, so two workers finishing together cannot leave the
+    worse model there. Exact ties go to the lower trial number. With `history`, every model that was best/ is also kept as
     `history/trial-<n>` (the benchmark scores each later, for its anytime curve)."""
     folder = Path(folder)
     with best_lock(folder):
@@ -159,7 +162,7 @@ def best_lock(folder: Path) -> Iterator[None]:
 
 def _beats(study: optuna.Study, card: ModelCard, current: dict[str, Any]) -> bool:
     if current.get("val_accuracy") is None or card.val_accuracy != current["val_accuracy"]:
-        return current.get("val_accuracy") is None or card.val_accuracy > current["val_accuracy"]
+        return replaces(card.val_accuracy, current.get("val_accuracy"), card.val_images)
     if current.get("trial") is None or card.trial < current["trial"]:
         return True
     # An equal, earlier trial keeps its place unless it died before it was recorded (this may be its retry).

@@ -29,21 +29,22 @@ from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, RUN_FIELDS,
 from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
-from .fastpath import CachePolicy, FitSettings, TrialCaches, default_cache_memory
+from .fastpath import CachePolicy, TrialCaches, default_cache_memory
 from .model import ModelCard, assemble
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
 from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
+from .record import PRERANK_KEY, write
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
-from .trainer import EpochStats, NonFiniteLoss, TrialInputs
+from .trainer import EpochStats, FitSettings, NonFiniteLoss, TrialInputs
 from .worker import ELAPSED_ATTR
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-PRERANK_ATTR = "autotransfer_prerank"
+PRERANK_ATTR = PRERANK_KEY  # the study attribute (record.py)
 RUN_FILE = "run.json"
 CONFIG_WAIT_S = 30.0  # how long a joining process waits for the creator to store the configuration
 BEST_DIR = "best"
@@ -437,15 +438,12 @@ class Search:
         same = duplicate_of(study.get_trials(deepcopy=False), trial.number, trial.params)
         if same is not None:
             reason = f"duplicate: the configuration of trial {same}, already finished or running; not run"
-            trial.set_user_attr("reason", reason)
+            write(trial, reason=reason)
             raise DuplicateTrial(reason)
         inputs = self.inputs_for(params.backbone)
         request = weights_request(self.config, params.backbone)
-        trial.set_user_attr("frozen_stages", params.frozen_stages)
-        trial.set_user_attr("num_stages", params.num_stages)
-        trial.set_user_attr("pretrained", request.label)
-        trial.set_user_attr("image_size", inputs.image_size)
-        trial.set_user_attr("head_init", params.head_init)
+        write(trial, frozen_stages=params.frozen_stages, num_stages=params.num_stages, pretrained=request.label,
+              image_size=inputs.image_size, head_init=params.head_init)
         progress.trial_started(trial.number, params)
         event = TrialEvent(self.options.study_name, self.options.storage, trial.number,
                            _hparams(params, request.label), self.out)
@@ -457,20 +455,18 @@ class Search:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
             model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
             trainable, total = model.parameter_counts()
-            trial.set_user_attr("trainable_params", trainable)
-            trial.set_user_attr("total_params", total)
-            trial.set_user_attr("weights_source", backbone.source)
-            trial.set_user_attr("pretrained", weights_label(request, backbone.source))
+            write(trial, trainable_params=trainable, total_params=total, weights_source=backbone.source,
+                  pretrained=weights_label(request, backbone.source))
             if params.head_init == "probe" and not params.probe:  # LP-FT: start from the frozen backbone's probe
                 fitted = self.caches.probe_head(model, (params.backbone, request),
                                                 self.data.train.at_size(inputs.resize_size), inputs, self.device,
                                                 self.config.seed)
-                trial.set_user_attr("probe_c", fitted.c)
+                write(trial, probe_c=fitted.c)
                 model.keep_norm_statistics()  # the probe was fitted to features made with them
 
             def on_epoch(stats: EpochStats) -> None:
                 tracker.epoch(stats)
-                trial.set_user_attr("epochs_done", stats.epoch)
+                write(trial, epochs_done=stats.epoch)
                 if not params.probe:  # a probe converges in one step: nothing to compare with others' epochs
                     trial.report(stats.val_accuracy, stats.epoch)
                 progress.epoch(trial.number, stats, 1 if params.probe else self.config.epochs, _best_value(study))
@@ -485,21 +481,20 @@ class Search:
             path = self.caches.plan(model, (params.backbone, request), self.data.train.at_size(inputs.resize_size),
                                     self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
                                     params.num_stages, settings)
-            trial.set_user_attr("cache", path.mode)
+            write(trial, cache=path.mode)
             if path.note:
-                trial.set_user_attr("cache_note", path.note)
+                write(trial, cache_note=path.note)
             progress.path(trial.number, path.mode, path.note)
             history = fit_trial(self, trial, model, path, on_epoch)
             value = history[-1].val_accuracy
-            best = _best_value(study)
-            if best is None or value >= best:
-                card = ModelCard(
-                    backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
-                    head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
-                    image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
-                    mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, trial=trial.number)
-                publish_best(study, model, card, self.out / BEST_DIR,
-                             self.out / BEST_HISTORY_DIR if self.options.best_history else None)
+            card = ModelCard(  # best/ takes it if it beats the chosen model (selection.py)
+                backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
+                head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
+                image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
+                mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, val_images=len(self.data.val),
+                trial=trial.number)
+            publish_best(study, model, card, self.out / BEST_DIR,
+                         self.out / BEST_HISTORY_DIR if self.options.best_history else None)
             state = "COMPLETE"
             return value
         except optuna.TrialPruned as exc:
@@ -522,10 +517,10 @@ class Search:
             done = path.describe() if path is not None else None
             if not taken:
                 if done is not None and done != path.note:  # what the caches did, now that it ran
-                    trial.set_user_attr("cache_note", done)
+                    write(trial, cache_note=done)
                 if reason is not None:
-                    trial.set_user_attr("reason", reason)
-                trial.set_user_attr("duration_s", round(duration, 3))
+                    write(trial, reason=reason)
+                write(trial, duration_s=round(duration, 3))
             tracker.finish(_hparams(params, request.label), value, state)
             self.lifecycle.trial_finished(event, state, value, reason)
             del model, path

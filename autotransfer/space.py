@@ -11,6 +11,7 @@ import optuna
 from .config import SearchConfig, parse_frozen_spec, resolve_stage
 from .heads import HeadConfig
 from .portfolio import frozen_value, lr_value, resolved
+from .record import write
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str
 def _suggest_float(trial: optuna.Trial, name: str, bounds: tuple[float, float], log: bool = False) -> float:
     low, high = bounds
     if low == high:  # a dimension pinned by a flag is still recorded, as a fixed value
-        trial.set_user_attr(name, low)
+        write(trial, **{name: low})
         return low
     return trial.suggest_float(name, low, high, log=log)
 

@@ -50,6 +50,28 @@ class EpochStats:
     train_seconds: float = 0.0  # the training pass alone, up to its one synchronisation at the epoch's end
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """How a trial is fitted, whichever path it takes: the one settings object every training
+    function takes (`fit`, `train`, `train_on_features`, `fastpath.train_from_boundary`)."""
+
+    optimizer_name: str
+    lr: float
+    epochs: int
+    batch_size: int
+    device: torch.device
+    seed: int
+    compile: bool = False
+    accumulation: int = 1  # micro-batches per batch (the out-of-memory retry uses 2)
+    resume: TrainState | None = None  # continue after this checkpoint's epoch
+    on_checkpoint: Callable[[TrainState], None] | None = None  # gets the state after every epoch
+    probe: bool = False  # fully frozen linear head: fit it to convergence (probe.py), not for `epochs`
+
+
+def no_report(stats: EpochStats) -> None:
+    """The default `on_epoch`: nothing to report to, nothing to stop."""
+
+
 Batches = Callable[[int, torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -174,25 +196,22 @@ class _EagerFallback:
         return out
 
 
-def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, *,
-          optimizer_name: str, lr: float, epochs: int, batch_size: int, device: torch.device, seed: int,
-          on_epoch: Callable[[EpochStats], None] = lambda stats: None, augment: bool = True,
-          compile: bool = False, channels_last: bool | None = None, accumulation: int = 1,
-          resume: TrainState | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
-          ) -> list[EpochStats]:
+def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, inputs: TrialInputs, settings: FitSettings,
+          on_epoch: Callable[[EpochStats], None] = no_report, *, augment: bool = True,
+          channels_last: bool | None = None) -> list[EpochStats]:
     """The plain path: every epoch runs the whole model on (augmented, unless `augment` is off)
-    image batches. Cosine-decayed `lr`; `on_epoch` may raise to stop (pruning); `accumulation`,
-    `resume` and `on_checkpoint` as in `fit`."""
+    image batches. Cosine-decayed `settings.lr`; `on_epoch` may raise to stop (pruning); the
+    rest of `settings` as in `fit`."""
+    device = settings.device
     model.to(device)
     layout = wants_channels_last(model, device) if channels_last is None else channels_last
     if layout:
         model.to(memory_format=torch.channels_last)
     train_set, val_set = resident(train_set, device), resident(val_set, device)
-    trainee = Trainee(model, len(train_set), image_batches(train_set, inputs, batch_size, device, augment, layout),
+    trainee = Trainee(model, len(train_set),
+                      image_batches(train_set, inputs, settings.batch_size, device, augment, layout),
                       lambda: accuracy(model, val_set, inputs, device, layout))
-    return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size, device=device,
-               seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation, resume=resume,
-               on_checkpoint=on_checkpoint)
+    return fit(trainee, settings, on_epoch)
 
 
 def resident(images: ImageSet, device: torch.device, share: float = 0.5) -> ImageSet:
@@ -217,32 +236,33 @@ def image_batches(train_set: ImageSet, inputs: TrialInputs, batch_size: int, dev
     return batches
 
 
-def fit(trainee: Trainee, *, optimizer_name: str, lr: float, epochs: int, batch_size: int, device: torch.device,
-        seed: int, on_epoch: Callable[[EpochStats], None] = lambda stats: None, compile: bool = False,
-        accumulation: int = 1, resume: TrainState | None = None,
-        on_checkpoint: Callable[[TrainState], None] | None = None,
+def fit(trainee: Trainee, settings: FitSettings, on_epoch: Callable[[EpochStats], None] = no_report,
         state_module: nn.Module | None = None) -> list[EpochStats]:
     """The training loop every path shares: optimizer, cosine schedule, mixed precision on CUDA,
     the loss summed on the device (one synchronisation per epoch), validation after each epoch.
 
-    `accumulation` splits each batch from `trainee.batches` into micro-batches (same effective
-    batch and schedule, less memory); `resume` continues after its last epoch; `on_checkpoint`
-    gets the state after every epoch. Checkpoints hold the tensors of `state_module` (default
-    `trainee.module`): the paths pass the whole TransferModel, so a checkpoint written on one path
-    (features, boundary, plain) restores on any other, e.g. a retry on a machine that planned differently."""
+    `settings.accumulation` splits each batch from `trainee.batches` into micro-batches (same
+    effective batch and schedule, less memory); `settings.resume` continues after its last epoch;
+    `settings.on_checkpoint` gets the state after every epoch. Checkpoints hold the tensors of
+    `state_module` (default `trainee.module`): the paths pass the whole TransferModel, so a
+    checkpoint written on one path (features, boundary, plain) restores on any other, e.g. a retry
+    on a machine that planned differently."""
+    lr, epochs, batch_size, device, seed = (settings.lr, settings.epochs, settings.batch_size, settings.device,
+                                            settings.seed)
+    accumulation, resume, on_checkpoint = settings.accumulation, settings.resume, settings.on_checkpoint
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     trainable = [p for p in trainee.module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
-    optimizer = make_optimizer(optimizer_name, trainable, lr)
+    optimizer = make_optimizer(settings.optimizer_name, trainable, lr)
     steps_per_epoch = max(1, trainee.size // batch_size + (trainee.size % batch_size >= 2))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr * 0.01)
     autocast, needs_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
     loss_fn = nn.CrossEntropyLoss()
     forward: Callable[..., torch.Tensor] = trainee.module
-    if compile:
+    if settings.compile:
         forward, note = compiled(trainee.module, device)
         if forward is trainee.module:
             log.warning("%s", note)
@@ -317,23 +337,18 @@ def rows_accuracy(module: nn.Module, rows: torch.Tensor, labels: torch.Tensor, d
 
 
 def train_on_features(model: nn.Module, train_features: torch.Tensor, train_labels: torch.Tensor,
-                      val_features: torch.Tensor, val_labels: torch.Tensor, *, optimizer_name: str, lr: float,
-                      epochs: int, batch_size: int, device: torch.device, seed: int,
-                      on_epoch: Callable[[EpochStats], None] = lambda stats: None,
-                      compile: bool = False, accumulation: int = 1, resume: TrainState | None = None,
-                      on_checkpoint: Callable[[TrainState], None] | None = None) -> list[EpochStats]:
+                      val_features: torch.Tensor, val_labels: torch.Tensor, settings: FitSettings,
+                      on_epoch: Callable[[EpochStats], None] = no_report) -> list[EpochStats]:
     """The fully frozen path: train `model.head` on cached pooled features (clean centre crops, no
     augmentation) with the plain path's optimizer, schedule, batches and seed. The backbone is
     not run; `model` stays whole, so it can be saved and used for prediction as it is."""
+    device = settings.device
     head = model.head.to(device)
     train_features, val_features = to_device(train_features.float(), device), to_device(val_features.float(), device)
     train_labels = to_device(train_labels, device)
-    trainee = Trainee(head, len(train_labels), feature_batches(train_features, train_labels, batch_size, device),
+    trainee = Trainee(head, len(train_labels), feature_batches(train_features, train_labels, settings.batch_size, device),
                       lambda: rows_accuracy(head, val_features, val_labels, device))
-    return fit(trainee, optimizer_name=optimizer_name, lr=lr, epochs=epochs, batch_size=batch_size, device=device,
-               seed=seed, on_epoch=on_epoch, compile=compile, accumulation=accumulation, resume=resume,
-               on_checkpoint=on_checkpoint, state_module=model)
-
+    return fit(trainee, settings, on_epoch, state_module=model)
 
 
 def probe_on_features(model: nn.Module, train_features: torch.Tensor, train_labels: torch.Tensor,

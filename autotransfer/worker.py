@@ -26,13 +26,14 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .resilience import KEY_ATTR, CheckpointStore, TrialTakenOver, checkpoint_key
+from .record import ELAPSED_KEY, TrialRecord, key, write
+from .resilience import CheckpointStore, TrialTakenOver, checkpoint_key
 from .storage import grace_period
 
-ELAPSED_ATTR = "autotransfer_elapsed_s"  # on the study: search seconds spent over all runs, for --timeout
+ELAPSED_ATTR = ELAPSED_KEY  # on the study: search seconds spent over all runs, for --timeout
 
 log = logging.getLogger(__name__)
-WORKER_ATTR = "worker"  # host:pid of the process running the trial; marks trials that send heartbeats
+WORKER_ATTR = key("worker")  # host:pid of the process running the trial; marks trials that send heartbeats
 POLL_S = 2.0
 SURPLUS = "surplus: other workers filled the --trials budget first; not run"
 INTERRUPTED = "interrupted"
@@ -169,24 +170,24 @@ class WorkerLoop:
             raise
 
     def _objective(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr(WORKER_ATTR, worker_id())
+        write(trial, worker=worker_id())
         self.current = trial.number
         if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.budget, self.grace_s):
-            trial.set_user_attr("reason", SURPLUS)
+            write(trial, reason=SURPLUS)
             raise SurplusTrial(SURPLUS)
-        if KEY_ATTR not in trial.user_attrs:
-            trial.set_user_attr(KEY_ATTR, trial.number)
-        if trial.user_attrs.get("reason"):  # inherited from the failed run this one retries
-            trial.set_user_attr("reason", "")
+        if TrialRecord.of(trial).checkpoint_key is None:
+            write(trial, checkpoint_key=trial.number)
+        if TrialRecord.of(trial).reason:  # inherited from the failed run this one retries
+            write(trial, reason="")
         try:
             return self.search.objective(self.study, trial, self.progress)
         except KeyboardInterrupt:
-            trial.set_user_attr("reason", f"{INTERRUPTED}: stopped by the user; its checkpoint is kept for the re-run")
+            write(trial, reason=f"{INTERRUPTED}: stopped by the user; its checkpoint is kept for the re-run")
             raise
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         study.set_user_attr(ELAPSED_ATTR, self.elapsed_before + time.monotonic() - self.started)
-        reason = trial.user_attrs.get("reason", "")
+        reason = TrialRecord.of(trial).reason
         if reason != SURPLUS and not reason.startswith(DUPLICATE):
             CheckpointStore.for_key(self.search.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
         if reason.startswith(DUPLICATE):
@@ -216,14 +217,14 @@ class WorkerLoop:
         if self.current is None:
             return False
         frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.current), None)
-        return frozen is not None and frozen.state == TrialState.FAIL and not frozen.user_attrs.get("reason")
+        return frozen is not None and frozen.state == TrialState.FAIL and not TrialRecord.of(frozen).reason
 
     def _requeue_interrupted(self) -> None:
         """Queue a copy of the interrupted trial, as the heartbeat retry would, so a re-run resumes it."""
         if self.current is None:
             return
         frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.current), None)
-        if frozen is None or frozen.state != TrialState.FAIL or not frozen.user_attrs.get("reason", "").startswith(INTERRUPTED):
+        if frozen is None or frozen.state != TrialState.FAIL or not TrialRecord.of(frozen).reason.startswith(INTERRUPTED):
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

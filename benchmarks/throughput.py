@@ -52,7 +52,7 @@ from autotransfer.data import train_transform  # noqa: E402
 from autotransfer.heads import HeadConfig  # noqa: E402
 from autotransfer.model import assemble  # noqa: E402
 from autotransfer.search import RunOptions, Search, weights_request  # noqa: E402
-from autotransfer.trainer import autocast_for, train  # noqa: E402
+from autotransfer.trainer import FitSettings, autocast_for, train  # noqa: E402
 
 MOBILENETS = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
 STUDY = "throughput"
@@ -149,8 +149,8 @@ def step_rows(search: Search, cases: list[Case], repeats: int, batch_size: int) 
             reference_s.append(reference_epoch(theirs, optimizer, train_set.images, train_set.labels, inputs,
                                                batch_size, generator, device))
 
-        train(ours, train_set, val_set, inputs, optimizer_name="adam", lr=1e-4, epochs=repeats + 1,
-              batch_size=batch_size, device=device, seed=0, on_epoch=then_reference)
+        train(ours, train_set, val_set, inputs, FitSettings("adam", 1e-4, repeats + 1, batch_size, device, 0),
+              then_reference)
         trial_s, reference_s = trial_s[1:], reference_s[1:]  # the first round warms up both
         n = len(train_set)
         trial_rate, reference_rate = n / statistics.median(trial_s), n / statistics.median(reference_s)
@@ -204,7 +204,8 @@ def epoch_seconds(path, skip: int) -> list[float]:
 
 
 def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int, views: int = 2) -> list[dict]:
-    from autotransfer.fastpath import CachePolicy, FitSettings, TrialCaches
+    from autotransfer.fastpath import CachePolicy, TrialCaches
+    from autotransfer.trainer import FitSettings
 
     device = search.device
     rows = []

@@ -208,7 +208,7 @@ def test_frozen_stages_get_no_updates_and_keep_batchnorm_stats(provider, model_n
 def test_frozen_stages_survive_the_real_trainer(provider):
     """trainer.train flips eval()/train() between epochs; frozen stages must still never move."""
     from autotransfer.data import ImageSet
-    from autotransfer.trainer import TrialInputs, train
+    from autotransfer.trainer import FitSettings, TrialInputs, train
 
     backbone = provider.create("test_resnet", WeightsRequest(pretrained=False))
     k = 2
@@ -221,8 +221,7 @@ def test_frozen_stages_survive_the_real_trainer(provider):
     labels = torch.arange(12) % NUM_CLASSES
     data = ImageSet(labels, images=images, decode_size=72)
     inputs = TrialInputs(image_size=IMAGE_SIZE, resize_size=72, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    history = train(model, data, data, inputs, optimizer_name="adam", lr=1e-2, epochs=2, batch_size=6,
-                    device=torch.device("cpu"), seed=0)
+    history = train(model, data, data, inputs, FitSettings("adam", 1e-2, 2, 6, torch.device("cpu"), 0))
     assert len(history) == 2
 
     after = model.backbone.state_dict()

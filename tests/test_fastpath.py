@@ -16,11 +16,11 @@ from autotransfer.backbones import WeightsRequest, provider_for
 from autotransfer.boundary import NoBoundary, Replay, ReplayedModel, capture, verified_boundary
 from autotransfer.cli import main
 from autotransfer.data import BuiltinSource, eval_transform, prepare
-from autotransfer.fastpath import CachePolicy, FitSettings, TrialCaches
+from autotransfer.fastpath import CachePolicy, TrialCaches
 from autotransfer.heads import HeadConfig
 from autotransfer.model import TransferModel, assemble
 from autotransfer.plugins import registries
-from autotransfer.trainer import TrialInputs, train
+from autotransfer.trainer import FitSettings, TrialInputs, train
 
 CPU = torch.device("cpu")
 INPUTS = TrialInputs(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -52,7 +52,7 @@ def test_cached_features_match_the_uncached_path_without_augmentation(digits, tm
     stages = num_stages("test_resnet")
     plain_model = tiny_model("test_resnet", stages, head)
     cached_model = copy.deepcopy(plain_model)
-    plain = train(plain_model, digits.train, digits.val, INPUTS, augment=False, **settings().kwargs())
+    plain = train(plain_model, digits.train, digits.val, INPUTS, settings(), augment=False)
 
     caches = TrialCaches(CachePolicy(folder=tmp_path))
     path = caches.plan(cached_model, ("test_resnet", "random"), digits.train, digits.val, INPUTS, stages, stages,

@@ -33,3 +33,26 @@ def test_imports_are_read_relative_absolute_inside_functions_and_not_under_type_
 def test_the_package_has_no_import_circle():
     edges = import_cycles.graph(module_level=False)
     assert import_cycles.circles(edges) == [], "run scripts/import_cycles.py to see the circle"
+
+
+def parameter_counts(root: Path) -> dict[str, int]:
+    """Every function's parameter count (self and cls left out; *args and **kwargs count one each)."""
+    import ast
+
+    counts = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+                counts[f"{path.relative_to(root.parent)}:{node.lineno} {node.name}"] = len(
+                    [n for n in names if n not in ("self", "cls")])
+    return counts
+
+
+def test_no_function_in_the_package_takes_more_than_eight_parameters():
+    """Issue 17: a long keyword block is a settings object waiting to be named (trainer.FitSettings)."""
+    counts = parameter_counts(import_cycles.ROOT)
+    assert len(counts) > 300 and max(counts.values()) >= 6  # it read the package
+    assert {name: n for name, n in counts.items() if n > 8} == {}

@@ -23,7 +23,9 @@ import torch
 from ..config import SearchConfig
 from ..errors import UserError
 from ..probe import PROBE_CS, Probe, fit_probe
+from ..record import TrialRecord
 from ..search import RunOptions, Search, default_storage
+from ..selection import chosen_over_time
 from .suite import Budget
 
 STUDY = "bench"
@@ -92,25 +94,33 @@ class RandomSearch(Search):
 
 def _run_search(run: MethodRun, search: Search) -> MethodResult:
     started, clock = datetime.now(), time.perf_counter()  # optuna stamps trials with naive local time
+    from ..holdout import saved_trial
+    from ..search import BEST_DIR
+
     study = search.run()
-    result = _study_result(study, started, time.perf_counter() - clock)
+    wall = time.perf_counter() - clock
+    result = _study_result(study, started, wall, saved_trial(search.out / BEST_DIR),
+                           len(search.data.val) if search.data is not None else None)
     return _scored_on_test(result, study, search)  # after the clock: scoring is no part of the method
 
 
-def _study_result(study: optuna.Study, started: datetime, wall: float) -> MethodResult:
+def _study_result(study: optuna.Study, started: datetime, wall: float, chosen: int | None,
+                  val_images: int | None) -> MethodResult:
+    """The search's result as it chose (selection.py): the trial in best/, and the curve of what
+    best/ held over time."""
     states = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     count = {state: sum(t.state == state for t in trials) for state in (states.COMPLETE, states.PRUNED, states.FAIL)}
     complete = [t for t in trials if t.state == states.COMPLETE and t.value is not None]
-    best = max(complete, key=lambda t: t.value) if complete else None
+    best = next((t for t in complete if t.number == chosen), None)
     finished = sorted(complete, key=lambda t: t.datetime_complete)
     return MethodResult(
         best_val_accuracy=None if best is None else float(best.value),
         time_to_best_s=None if best is None else max(0.0, (best.datetime_complete - started).total_seconds()),
         wall_s=wall, trials_complete=count[states.COMPLETE], trials_pruned=count[states.PRUNED],
         trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best),
-        curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value), t.number)
-                           for t in finished]))
+        curve=chosen_over_time([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value),
+                                 t.number) for t in finished], val_images))
 
 
 def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -> MethodResult:
@@ -147,11 +157,9 @@ def best_so_far(points: list[tuple]) -> list[tuple]:
 
 def trial_config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The sampled parameters plus the pinned ones Optuna only records as user attributes."""
-    config = dict(trial.params)
-    for key in ("frozen_stages", "lr", "head_dropout", "pretrained", "image_size"):
-        if key in trial.user_attrs:
-            config[key] = trial.user_attrs[key]
-    return config
+    record = TrialRecord.of(trial)
+    pinned = {name: getattr(record, name) for name in ("frozen_stages", "lr", "head_dropout", "pretrained", "image_size")}
+    return {**trial.params, **{name: value for name, value in pinned.items() if value is not None}}
 
 
 def autotransfer(run: MethodRun) -> MethodResult:

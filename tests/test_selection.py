@@ -1,0 +1,82 @@
+"""selection.py: a later trial replaces the chosen one only by more than the val set's standard error;
+record.py: the one place the study's keys are spelled."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotransfer.record import FIELDS, TrialRecord, key, write
+from autotransfer.selection import chosen_over_time, margin, replaces
+
+
+def test_the_margin_is_the_standard_error_of_the_chosen_accuracy():
+    assert margin(0.8, 49) == pytest.approx(math.sqrt(0.8 * 0.2 / 49))  # 0.057: about 3 images of 49
+    assert margin(0.8, 10_000) < 0.005 and margin(1.0, 49) == 0.0 and margin(0.8, None) == 0.0
+
+
+def test_one_lucky_image_on_a_small_val_set_does_not_replace_the_chosen_trial():
+    assert replaces(0.80, None, 49)  # nothing chosen yet
+    assert not replaces(41 / 49, 40 / 49, 49)  # one image ahead: noise at this size
+    assert replaces(45 / 49, 40 / 49, 49)  # five images ahead: beyond one standard error
+    assert replaces(0.945, 0.924, 288)  # the same two points of gain are real on 288 images
+    assert not replaces(0.80, 0.80, None) and replaces(0.81, 0.80, None)  # size unknown: best val wins
+
+
+def test_the_anytime_curve_is_what_the_chosen_model_was_over_time():
+    points = [(3.0, 0.84, 2), (1.0, 0.82, 0), (2.0, 0.70, 1), (5.0, 0.95, 4), (4.0, 0.86, 3)]
+    assert chosen_over_time(points, 49) == [(1.0, 0.82, 0), (5.0, 0.95, 4)]
+    assert chosen_over_time(points, None) == [(1.0, 0.82, 0), (3.0, 0.84, 2), (4.0, 0.86, 3), (5.0, 0.95, 4)]
+
+
+def test_best_keeps_the_chosen_model_against_a_challenger_inside_the_margin(tmp_path):
+    from torch import nn
+
+    from autotransfer.holdout import saved_trial
+    from autotransfer.model import ModelCard
+    from autotransfer.resilience import publish_best
+
+    study = optuna.create_study(direction="maximize")
+    best = tmp_path / "best"
+
+    def card(trial: int, accuracy: float) -> ModelCard:
+        return ModelCard(backbone="b", weights_source="s", pretrained=True, head={"kind": "linear"}, frozen_stages=1,
+                         class_names=["a", "b"], image_size=8, resize_size=8, decode_size=8, mean=[0.5] * 3,
+                         std=[0.5] * 3, val_accuracy=accuracy, val_images=49, trial=trial)
+
+    model = nn.Linear(2, 2)
+    assert publish_best(study, model, card(0, 40 / 49), best) and saved_trial(best) == 0
+    assert not publish_best(study, model, card(1, 41 / 49), best) and saved_trial(best) == 0
+    assert publish_best(study, model, card(2, 46 / 49), best) and saved_trial(best) == 2
+    assert json.loads((best / "model.json").read_text())["val_images"] == 49  # the card says what the margin used
+
+
+def test_the_record_reads_back_what_was_written_and_refuses_unknown_names():
+    study = optuna.create_study()
+    trial = study.ask()
+    write(trial, cache="features", epochs_done=3, reason="")
+    with pytest.raises(KeyError, match="not a TrialRecord field: cahce"):
+        write(trial, cahce="plain")
+    study.tell(trial, 0.5)
+    record = TrialRecord.of(study.trials[0])
+    assert (record.cache, record.epochs_done, record.reason, record.probe_c) == ("features", 3, "", None)
+    assert key("worker") == "worker" and "portfolio" in FIELDS
+    with pytest.raises(KeyError):
+        key("wokrer")
+
+
+def test_no_module_but_record_spells_a_study_or_trial_key():
+    """Every set_user_attr in the package goes through record.write, or a key record.py defines."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "autotransfer"
+    spelled = []
+    for path in sorted(package.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"set_user_attr\(\s*[\"']|user_attrs(\.get)?[\[(]\s*[\"']", line):
+                spelled.append(f"{path.name}:{number}: {line.strip()}")
+    assert spelled == []
