@@ -101,6 +101,7 @@ TABLE = [
     Column("duration_s", _duration),
     Column("image_size", lambda row: row.record.image_size, integer=True),
     Column("cache", lambda row: row.record.cache),
+    Column("opening", lambda row: row.record.portfolio),  # the opening recipe it ran as (portfolio.py), if any
     Column("reason", _reason),
 ]
 COLUMNS = ["rank", *(column.name for column in TABLE)]

@@ -161,7 +161,7 @@ def test_search_scores_the_chosen_model_on_test_through_predict(tmp_path, capsys
     printed = capsys.readouterr().out
     board = pd.read_csv(out / "leaderboard.csv")
     scored = board[board["test_accuracy"].notna()]
-    assert scored["rank"].tolist() == [1]  # the chosen trial only
+    assert len(scored) == 1 and scored["state"].tolist() == ["COMPLETE"]  # the chosen trial only (selection.py)
     card = json.loads((out / "best" / "model.json").read_text())
     assert card["trial"] == int(scored["trial"].iloc[0]) and card["test_images"] == 45
     assert card["test_accuracy"] == pytest.approx(float(scored["test_accuracy"].iloc[0]))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -218,6 +219,8 @@ def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_
     assert [t.user_attrs.get("portfolio") for t in trials] == ["probe", "fine-tune", "lp-ft"]
     assert [t.user_attrs["head_init"] for t in trials] == ["probe", "random", "probe"]
     assert trials[2].user_attrs["probe_c"] > 0
+    board = pd.read_csv(out / "leaderboard.csv").set_index("trial")
+    assert [board.loc[n, "opening"] for n in range(3)] == ["probe", "fine-tune", "lp-ft"]  # the leaderboard says so
     assert main([*args, "--trials", "5"]) == 0
     trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
     assert len(trials) == 5 and [t.user_attrs.get("portfolio") for t in trials[3:]] == [None, None]
