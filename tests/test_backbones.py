@@ -312,6 +312,7 @@ HUB_CHECK = """
 """
 
 
+@pytest.mark.slow
 def test_pretrained_weights_from_offline_hf_cache(tmp_path):
     hf_home = tmp_path / "hf"
     file = _hf_cache(hf_home, _distinctive_state("test_resnet", seed=99))
@@ -321,6 +322,7 @@ def test_pretrained_weights_from_offline_hf_cache(tmp_path):
     assert "hf-hub:timm/test_resnet.r160_in1k" in result.stdout
 
 
+@pytest.mark.slow
 def test_incomplete_hf_checkpoint_is_refused(tmp_path):
     hf_home = tmp_path / "hf"
     state = _distinctive_state("test_resnet", seed=5)
@@ -339,6 +341,7 @@ def test_incomplete_hf_checkpoint_is_refused(tmp_path):
     assert result.stdout.startswith("REFUSED"), result.stdout
 
 
+@pytest.mark.slow
 def test_offline_with_empty_cache_names_the_ways_out(tmp_path):
     hf_home = tmp_path / "empty-hf"
     hf_home.mkdir()
@@ -415,6 +418,7 @@ def test_unknown_backbone_suggests_near_names():
     assert isinstance(provider_for("test_resnet", registries()), TimmProvider)
 
 
+@pytest.mark.slow
 def test_source_classifier_from_offline_hf_cache(tmp_path):
     hf_home = tmp_path / "hf"
     state = _distinctive_state("test_resnet", seed=7)

@@ -52,6 +52,7 @@ def leaderboard_lines(markdown: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("|")][2:]
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
     stored = rows(smoke_store)
     keys = [(r["dataset"], r["method"], r["seed"]) for r in stored]
@@ -87,6 +88,7 @@ def test_smoke_run_writes_one_row_per_cell_and_a_report(smoke_store, tmp_path):
         assert (out.parent / name).read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_rerun_with_same_run_id_adds_nothing_and_interrupted_run_fills_the_rest(smoke_store, tmp_path):
     results = copy_store(smoke_store, tmp_path / "full")
     assert bench("run", SMOKE, "--results", results, "--work", tmp_path / "w", "--night", NIGHT1, "--quiet") == 0
@@ -115,6 +117,7 @@ lr = 1e-6  # handicapped on purpose: one epoch at this rate barely moves off cha
 """
 
 
+@pytest.mark.slow
 def test_second_night_flags_exactly_the_handicapped_method(smoke_store, tmp_path):
     results = copy_store(smoke_store, tmp_path / "results")
     suite = tmp_path / "regressed.toml"

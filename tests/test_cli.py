@@ -26,6 +26,7 @@ def finished_trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study, storage=storage).get_trials(states=states)
 
 
+@pytest.mark.slow
 def test_digits_search_writes_outputs_and_resumes(tmp_path, capsys):
     out = tmp_path / "d"
     args = ["search", "--dataset", "builtin:digits", "--backbones", "test_resnet,test_efficientnet",
@@ -180,6 +181,7 @@ def bad_inputs(tmp: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("case", ["missing path", "empty folder", "one class", "csv missing column",
                                   "unknown backbone", "trials 0", "unknown pruner", "cache memory", "cache views 0"])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path, case):
     result = run_cli(*bad_inputs(tmp_path)[case])
     assert result.returncode == 2, result.stderr
@@ -189,6 +191,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_unavailable_pretrained_weights_stop_with_ways_out(tmp_path):
     result = run_cli("search", "--dataset", "builtin:digits", "--backbones", "test_resnet.r160_in1k",
                      "--trials", "1", "--epochs", "1", "--out", str(tmp_path / "w"),
@@ -200,6 +203,7 @@ def test_unavailable_pretrained_weights_stop_with_ways_out(tmp_path):
         assert needle in message
 
 
+@pytest.mark.slow
 @needs_shared
 def test_hymenoptera_random_init_search(tmp_path):
     out = tmp_path / "hym"

@@ -453,6 +453,7 @@ def test_out_of_memory_retries_at_half_batch_then_fails_as_oom(tmp_path, monkeyp
     (["search", "--dataset", "builtin:digits", "--workers", "2", "--gpus", "0,x", "--out", "{tmp}/o"], "--gpus"),
     (["search", "--dataset", "builtin:digits", "--gpus", "0", "--out", "{tmp}/o"], "--gpus needs --workers"),
 ])
+@pytest.mark.slow
 def test_bad_distributed_input_exits_2_with_one_line(tmp_path, args, needle):
     result = subprocess.run(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), capture_output=True, text=True,
                             timeout=300)

@@ -239,6 +239,7 @@ def test_no_cache_and_unfrozen_trials_take_the_plain_path(digits):
 
 # --------------------------------------------------------------------------- through the search
 
+@pytest.mark.slow
 def test_search_records_the_cache_path_of_every_trial(tmp_path):
     out = tmp_path / "s"
     assert main(["search", "--dataset", "builtin:digits:0-4", "--backbones", "test_resnet,test_efficientnet",

@@ -217,6 +217,7 @@ def _assert_same_trials(first: list, second: list) -> None:
         assert np.allclose([v for _, v in a[3]], [v for _, v in b[3]], atol=1e-6)  # val numbers per epoch
 
 
+@pytest.mark.slow
 def test_permuted_test_labels_change_no_choice_of_the_search(tmp_path):
     runs = {}
     for permuted in (False, True):
@@ -245,6 +246,7 @@ def test_permuted_test_labels_change_no_choice_of_the_search(tmp_path):
     assert plain["test"]["trial"] == permuted["test"]["trial"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["autotransfer", "autotransfer-prerank", "random", "linear-probe", "seed-recipe"])
 def test_permuted_test_labels_change_no_choice_of_a_bench_method(tmp_path, method):
     from autotransfer.bench.methods import MethodRun, run_method

@@ -102,6 +102,7 @@ def install_fake_distribution(site: Path, module_name: str, source: str, version
     (dist / "entry_points.txt").write_text(f"[autotransfer]\n{module_name} = {module_name}\n")
 
 
+@pytest.mark.slow
 def test_installed_entry_point_is_discovered(tmp_path):
     site = tmp_path / "site"
     install_fake_distribution(site, "stripes_ep", EXAMPLE.read_text())
@@ -142,6 +143,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_plugin_that_fails_to_import(tmp_path):
     broken = tmp_path / "broken_plugin.py"
     broken.write_text("import numpy\nraise ImportError('needs the private_sdk package')\n")
@@ -154,6 +156,7 @@ def test_missing_plugin_module(tmp_path):
     assert "no_such_plugin_module" in message and "ModuleNotFoundError" in message
 
 
+@pytest.mark.slow
 def test_plugin_that_fails_to_register(tmp_path):
     broken = tmp_path / "raises_plugin.py"
     broken.write_text("from autotransfer.hookspecs import hookimpl\n\n@hookimpl\n"
@@ -178,6 +181,7 @@ def test_plugin_returning_a_nameless_item(tmp_path):
     assert str(broken) in message and "autotransfer_scorers" in message and "name" in message
 
 
+@pytest.mark.slow
 def test_two_plugins_registering_one_name(tmp_path):
     twin = tmp_path / "twin_plugin.py"
     shutil.copy(EXAMPLE, twin)
@@ -250,6 +254,7 @@ def autotransfer_dataset_sources():
 '''
 
 
+@pytest.mark.slow
 def test_source_may_return_a_torch_dataset(tmp_path):
     plugin = tmp_path / "squares_plugin.py"
     plugin.write_text(TORCH_SOURCE)

@@ -61,6 +61,7 @@ def test_checkpoint_files_and_manifest(checkpoint):
     assert set(load_file(str(checkpoint / BACKBONE_FILE))) == set(fresh)
 
 
+@pytest.mark.slow
 def test_pretraining_from_random_init_is_reproducible_from_its_seed(tmp_path):
     args = ["pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH, "--no-pretrained", "--epochs", "1",
             "--image-size", "32", "--quiet"]
@@ -73,6 +74,7 @@ def test_pretraining_from_random_init_is_reproducible_from_its_seed(tmp_path):
             torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_search_uses_checkpoint_next_to_random_init(checkpoint, tmp_path):
     out = tmp_path / "target"
     result = run_cli("search", *TARGET, "--backbones", f"{ARCH},{checkpoint}", "--trials", "4", "--out", str(out))
@@ -131,6 +133,7 @@ def test_predict_with_a_checkpoint_backbone(checkpoint, tmp_path):
     assert len(frame) == 4 and set(frame["label"]) <= {"5", "6", "7", "8", "9"}
 
 
+@pytest.mark.slow
 def test_bad_pretrain_and_checkpoint_inputs(checkpoint, tmp_path):
     message = one_line_error(run_cli("pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH,
                                      "--no-pretrained", "--out", str(checkpoint)))

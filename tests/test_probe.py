@@ -209,6 +209,7 @@ def test_the_opening_never_queues_past_the_budget_and_without_probes_queues_ever
     assert [(kind, p["backbone"]) for kind, p in random_only.first()] == [("fine-tune", "r"), ("fine-tune", "s")]
 
 
+@pytest.mark.slow
 def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_it(tmp_path):
     weights = weights_file(tmp_path)
     out = tmp_path / "open"

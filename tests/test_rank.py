@@ -110,6 +110,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["search", "--dataset", "builtin:digits", "--backbones", "test_resnet", "--no-pretrained", "--prerank", "logmee"],
      "unknown scorer 'logmee'"),
 ])
+@pytest.mark.slow
 def test_bad_ranking_input_is_one_line(tmp_path, args, needle):
     result = run_cli(*args, "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -139,6 +140,7 @@ def test_scorer_tau_against_known_orders():
     assert np.isnan(tau.loc["partial", "weighted_tau"]) and tau.loc["partial", "backbones"] == 1
 
 
+@pytest.mark.slow
 def test_guided_search_keeps_the_top_k_and_records_tau(tmp_path, capsys):
     out = tmp_path / "guided"
     args = ["search", "--dataset", "builtin:digits:0-3", "--backbones", "test_resnet,test_efficientnet,test_vit",
@@ -173,6 +175,7 @@ needs_plugin_data = pytest.mark.skipif(
     reason=f"{HYMENOPTERA} or {WEIGHTS} is absent (no ../shared beside the checkout)")
 
 
+@pytest.mark.slow
 @needs_plugin_data
 def test_rank_puts_pretrained_above_random_init_on_hymenoptera(tmp_path, monkeypatch):
     pytest.importorskip("autotransfer_mobilenetv1")

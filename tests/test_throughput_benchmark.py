@@ -10,10 +10,12 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_throughput_benchmark_measures_every_section(tmp_path):
     out = tmp_path / "throughput.csv"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--dataset", "builtin:digits:0-1",
