@@ -85,7 +85,7 @@ def selection_summary(study: optuna.Study, frame, *, has_test: bool, best_dir: P
     if not len(complete):
         return "no trial completed, so no model was chosen"
     saved = saved_trial(best_dir) if best_dir is not None else None
-    rows = complete[complete["trial"] == saved] if saved is not None else complete.iloc[:0]
+    rows = complete[complete["trial"] == saved]  # none when nothing is saved
     best = rows.iloc[0] if len(rows) else complete.iloc[0]
     chosen = (f"chosen: trial {int(best['trial'])} by val_accuracy {float(best['val_accuracy']):.4f} "
               "(the number the choice was made on, so it is optimistic)")

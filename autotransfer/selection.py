@@ -35,7 +35,7 @@ def chosen_over_time(points: Sequence[tuple], val_images: int | None) -> list[tu
     """The anytime curve of a search: from (time, val accuracy, ...) points in completion order, the
     ones that replaced the chosen trial when they finished (what best/ held, and when)."""
     curve: list[tuple] = []
-    for point in sorted(points, key=lambda p: p[0]):
+    for point in sorted(points, key=lambda p: (p[0], p[1])):
         if replaces(point[1], curve[-1][1] if curve else None, val_images):
             curve.append(point)
     return curve

@@ -119,8 +119,8 @@ def _study_result(study: optuna.Study, started: datetime, wall: float, chosen: i
         time_to_best_s=None if best is None else max(0.0, (best.datetime_complete - started).total_seconds()),
         wall_s=wall, trials_complete=count[states.COMPLETE], trials_pruned=count[states.PRUNED],
         trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best),
-        curve=chosen_over_time([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value),
-                                 t.number) for t in finished], val_images))
+        curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value), t.number)
+                           for t in finished], val_images))
 
 
 def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -> MethodResult:
@@ -145,14 +145,11 @@ def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -
     return result
 
 
-def best_so_far(points: list[tuple]) -> list[tuple]:
-    """The anytime curve: keep a (time, accuracy, ...) point only where its accuracy beats every earlier one;
+def best_so_far(points: list[tuple], val_images: int | None = None) -> list[tuple]:
+    """The anytime curve: the (time, accuracy, ...) points that replaced the chosen one
+    (`selection.chosen_over_time`; without a val size, every gain), times rounded to the millisecond;
     anything after the accuracy (the trial, its test score) rides along."""
-    curve: list[tuple] = []
-    for point in sorted(points, key=lambda p: (p[0], p[1])):
-        if not curve or point[1] > curve[-1][1]:
-            curve.append((round(point[0], 3), *point[1:]))
-    return curve
+    return [(round(point[0], 3), *point[1:]) for point in chosen_over_time(points, val_images)]
 
 
 def trial_config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
