@@ -11,7 +11,7 @@ import copy
 import os
 import pickle
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -37,10 +37,15 @@ class BackboneInfo:
 
 @dataclass(frozen=True)
 class WeightsRequest:
-    """Where the weights should come from: a local file, the pretrained default, or random init."""
+    """Where the weights should come from: a local file, the pretrained default, or random init.
+
+    `init_seed` fixes the random init (of the whole module, before any file or hub weights are
+    loaded over it): the same request gives the same parameters in any process, whatever ran before.
+    """
 
     pretrained: bool
     file: str | None = None
+    init_seed: int = 0
 
     @property
     def label(self) -> str:
@@ -167,6 +172,8 @@ class CachedProvider:
     """Base for providers: `_build` once per (name, weights), then hand out deep copies.
 
     Trials must not share parameters, and re-reading weights for every trial is wasted I/O.
+    `_build` runs with torch's global RNG seeded from `weights.init_seed` (and restored after), so
+    a random-init template depends on the request alone, not on what the process drew before.
     """
 
     def __init__(self) -> None:
@@ -177,7 +184,9 @@ class CachedProvider:
         key = (model_name, weights)
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = self._build(model_name, weights)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(weights.init_seed)
+                    self._templates[key] = self._build(model_name, weights)
         template = self._templates[key]
         return Backbone(copy.deepcopy(template.module), template.num_features,
                         template.stages, template.preprocessing, template.source)
@@ -204,7 +213,6 @@ class ModuleProvider(CachedProvider):
         return BackboneInfo(model_name, len(backbone.stages), backbone.num_features, self.preprocessing)
 
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
-        torch.manual_seed(0)
         module = self.factory()
         source = "random init"
         if weights.file:
@@ -382,5 +390,11 @@ def weights_request(config: SearchConfig, backbone: str) -> WeightsRequest:
     """--weights NAME=PATH, --weights NAME=random, else the default weights unless --no-pretrained."""
     file = config.weights.get(backbone)
     if file == RANDOM_WEIGHTS:
-        return WeightsRequest(pretrained=False)
-    return WeightsRequest(pretrained=config.pretrained, file=file)
+        return seeded(WeightsRequest(pretrained=False), config.seed)
+    return seeded(WeightsRequest(pretrained=config.pretrained, file=file), config.seed)
+
+
+def seeded(request: WeightsRequest, seed: int) -> WeightsRequest:
+    """`request` with its random init fixed by `seed`; loaded weights do not depend on it, so
+    those requests keep `init_seed` 0 (one template per file, whatever the seed)."""
+    return request if request.file or request.pretrained else replace(request, init_seed=seed)

@@ -43,9 +43,13 @@ def _search_parser(sub) -> None:
                    help=f"comma list of {','.join(c.HEAD_INITS)}: how a linear head on trainable stages starts; "
                         "probe = the converged logistic-regression probe of the frozen backbone (LP-FT) "
                         f"(default {','.join(c.HEAD_INITS)})")
+    p.add_argument("--features", type=c.parse_list,
+                   help=f"comma list of {','.join(c.FEATURES)}: what the head of a fully frozen trial reads; "
+                        "stages = the pooled output of every stage beside the final features (Head2Toe-style) "
+                        f"(default {','.join(c.FEATURES)})")
     p.add_argument("--portfolio", action=argparse.BooleanOptionalAction,
-                   help="open a new study with the recipes known to work: the linear probe of every pretrained "
-                        "backbone, then a full fine-tune and LP-FT of the best-probed one; the sampler takes over "
+                   help="open a new study with the recipes known to work: the linear probes (final and stage "
+                        "features) of every pretrained backbone, then a full fine-tune and LP-FT of the best-probed one; the sampler takes over "
                         "after them (default on)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default 5)")
     p.add_argument("--batch-size", type=int, help="default 32")
@@ -198,7 +202,7 @@ def _search(args: argparse.Namespace) -> int:
 
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
-                                      "optimizers", "head_inits", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
+                                      "optimizers", "head_inits", "features", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
                                       "seed",
                                       "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
                                       "compile") if k in given}

@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "rmsprop", "adamw", "sgd")
 DEFAULT_OPTIMIZERS = ("adam", "rmsprop")
 PRUNERS = ("median", "hyperband", "none")
 HEAD_INITS = ("random", "probe")  # a linear head on trainable stages starts at random or from the probe (LP-FT)
+FEATURES = ("final", "stages")  # what a fully frozen trial's head reads: the last stage, or every stage (multilevel.py)
 CPU_IMAGE_SIZE_CAP = 160
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
 CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
@@ -42,6 +43,7 @@ class SearchConfig:
     lr: tuple[float, float] = (1e-5, 1e-1)
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
     head_inits: list[str] = field(default_factory=lambda: list(HEAD_INITS))
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
     portfolio: bool = True  # a new study opens with the probe, LP-FT and fine-tune of each backbone
     epochs: int = 5
     batch_size: int = 32
@@ -78,6 +80,7 @@ class SearchConfig:
         _check_subset("--heads", self.heads, HEADS)
         _check_subset("--optimizers", self.optimizers, OPTIMIZERS)
         _check_subset("--head-init", self.head_inits, HEAD_INITS)
+        _check_subset("--features", self.features, FEATURES)
         if self.pruner not in PRUNERS:
             raise UserError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
         _check_positive("--epochs", self.epochs)

@@ -28,7 +28,8 @@ from torch import nn
 from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel, capture, capture_from,
                        verified_boundary)
 from .data import ImageSet, eval_transform, to_device, train_transform
-from .features import FeatureCache, extract, fingerprint, images_digest, tensors_digest
+from .features import FeatureCache, FeatureSet, extract, fingerprint, images_digest, tensors_digest
+from .multilevel import StagePooled
 from .probe import Probe, fit_probe
 from .trainer import (EpochStats, FitSettings, Trainee, TrialInputs, autocast_for, feature_batches, fit,
                       memory_format, eval_batch, no_report, probe_on_features, rows_accuracy, train,
@@ -122,6 +123,7 @@ class TrialCaches:
     _digests: dict[Hashable, tuple[object, str]] = field(default_factory=dict)
     _entries: OrderedDict[Hashable, BoundaryEntry] = field(default_factory=OrderedDict)
     _derivable: dict[Hashable, bool] = field(default_factory=dict)
+    _final_of_stages: dict[Hashable, tuple[ImageSet, FeatureSet]] = field(default_factory=dict)
 
     def plan(self, model: nn.Module, identity: Hashable, train_set: ImageSet, val_set: ImageSet,
              inputs: TrialInputs, frozen_stages: int, num_stages: int, settings: FitSettings) -> TrialPath:
@@ -146,12 +148,21 @@ class TrialCaches:
         return self._digests[key][1]
 
     def _features(self, model: nn.Module, identity: Hashable, images: ImageSet, inputs: TrialInputs,
-                  device: torch.device):
+                  device: torch.device) -> FeatureSet:
+        """Pooled features of `images`; the final features of a backbone whose stage features were
+        extracted (identity + ("stages",)) are their last columns, not a second pass."""
+        known = self._final_of_stages.get((identity, id(images), inputs))
+        if known is not None:
+            return known[1]
         weights = self._digest(("weights", identity), None, lambda: tensors_digest(model.backbone))
         pixels = self._digest(("images", id(images)), images, lambda: images_digest(images))
         cache = FeatureCache(self.policy.folder) if self.policy.folder is not None and self.policy.enabled else None
-        return extract(model.backbone, None, images, inputs, device, cache, key=fingerprint(weights, pixels, inputs),
-                       meta={"backbone": str(identity)})
+        found = extract(model.backbone, None, images, inputs, device, cache, key=fingerprint(weights, pixels, inputs),
+                        meta={"backbone": str(identity)})
+        if isinstance(model.backbone, StagePooled) and isinstance(identity, tuple) and identity[-1:] == ("stages",):
+            final = FeatureSet(found.features[:, -model.backbone.final_width:], found.labels, None, 0.0, cached=True)
+            self._final_of_stages[(identity[:-1], id(images), inputs)] = (images, final)  # holding images keeps id() unique
+        return found
 
     def _features_path(self, model, identity, train_set, val_set, inputs, settings) -> TrialPath:
         model.to(settings.device)

@@ -92,6 +92,7 @@ TABLE = [
     Column("head_dropout", lambda row: (row.trial.params.get("head_dropout", row.record.head_dropout)
                                         if row.mlp else None)),
     Column("head_init", lambda row: row.record.head_init),  # probe: the converged probe, or LP-FT's start
+    Column("features", _param("features")),  # a fully frozen trial's: final, or every stage's (multilevel.py)
     Column("lr", lambda row: row.trial.params.get("lr", row.record.lr)),
     Column("optimizer", _param("optimizer")),
     Column("epochs", lambda row: (len(row.trial.intermediate_values) if row.record.epochs_done is None

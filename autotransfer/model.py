@@ -15,7 +15,9 @@ from torch import nn
 
 from .backbones import Backbone, WeightsRequest, freeze, frozen_submodules, provider_for
 from .checkpoints import publish_permissions
+from .config import FEATURES
 from .heads import HeadConfig, build_head
+from .multilevel import with_stage_features
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -78,6 +80,7 @@ class ModelCard:
     trial: int | None = None
     test_accuracy: float | None = None  # on the test split, scored once after the choice; None without one
     test_images: int | None = None
+    features: str = "final"  # what the head reads: the final pooled features, or every stage's (multilevel.py)
 
     @property
     def num_classes(self) -> int:
@@ -124,10 +127,12 @@ def load_model(directory: Path, registries) -> tuple[TransferModel, ModelCard]:
     provider = provider_for(card.backbone, registries)
     backbone = provider.create(card.backbone, WeightsRequest(pretrained=False))
     try:
+        if card.features == "stages":
+            backbone = with_stage_features(backbone, card.image_size)
         model = assemble(backbone, HeadConfig(**card.head), card.num_classes, card.frozen_stages)
     except Exception as exc:
         raise UserError(f"{directory / CONFIG_FILE}: cannot build the model it describes (head {card.head!r}, "
-                        f"frozen_stages {card.frozen_stages!r}): {_first_line(exc)}; the card was edited or damaged: "
+                        f"frozen_stages {card.frozen_stages!r}, features {card.features!r}): {_first_line(exc)}; the card was edited or damaged: "
                         "use the folder a search wrote") from None
     try:
         state = load_file(str(directory / MODEL_FILE))
@@ -172,6 +177,8 @@ def read_card(directory: Path) -> ModelCard:
     if not isinstance(card.class_names, list) or len(card.class_names) < 2 or \
             not all(isinstance(c, str) for c in card.class_names):
         raise UserError(f"{path}: class_names must be a list of at least 2 names, got {card.class_names!r}")
+    if card.features not in FEATURES:
+        raise UserError(f"{path}: features must be one of {', '.join(FEATURES)}, got {card.features!r}")
     if not isinstance(card.head, dict) or not isinstance(card.backbone, str):
         raise UserError(f"{path}: backbone must be a name and head an object, got {card.backbone!r}, {card.head!r}")
     for name in ("mean", "std"):

@@ -1,8 +1,12 @@
 """The opening of a new study: the recipes known to work, queued in two stages.
 
-1. The probe of every pretrained candidate (whole backbone frozen, the converged logistic-regression
-   head on cached features): the cheapest trial there is, and a measured estimate of how well each
-   backbone's features fit this dataset.
+1. The probes of every pretrained candidate (whole backbone frozen, the converged logistic-regression
+   head on cached features): the cheapest trials there are, and a measured estimate of how well each
+   backbone's features fit this dataset. `stage-probe` reads the pooled output of every stage beside
+   the final pooled features (multilevel.py), which serves targets far from the source far better;
+   `probe` the final features alone, which are the last columns of the stage probe's (the caches
+   hand them over: no second pass over the images). Every candidate's stage probe runs first, so
+   a near-tie (selection.py) keeps the stage probe.
 2. Once every queued probe has finished, the expensive recipes for the backbone whose probe scored
    best on val: `fine-tune` first (every allowed stage trained from a random head at a moderate lr:
    the recipe a person tries first, so the search has its result as early as that person would),
@@ -36,10 +40,11 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import SearchConfig, parse_frozen_spec, resolve_stage
 from .record import FOLLOW_UP_KEY, key
 
-PORTFOLIO_ATTR = key("portfolio")  # on a queued opening trial: which recipe it is (probe, lp-ft, fine-tune)
+PORTFOLIO_ATTR = key("portfolio")  # on a queued opening trial: which recipe it is (KINDS)
 FOLLOW_UP_ATTR = FOLLOW_UP_KEY  # on the study: the backbone stage 2 was queued for
 LP_FT_LR, FT_LR = 1e-4, 3e-3  # the recipes' learning rates: low after a probe start, moderate from random
-KINDS = ("probe", "fine-tune", "lp-ft")  # the order they are queued in (see the module docstring)
+KINDS = ("stage-probe", "probe", "fine-tune", "lp-ft")  # the order they are queued in (see the module docstring)
+PROBES = KINDS[:2]  # stage 1
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -53,7 +58,10 @@ def recipes(config: SearchConfig, backbone: str, stages: int, pretrained: bool) 
     if pretrained and linear:
         frozen = frozen_value(config, stages, stages)
         if resolved(frozen, stages) >= stages:
-            found["probe"] = {"backbone": backbone, "frozen_stages": frozen, "head": "linear"}
+            for kind, features in zip(PROBES, ("stages", "final")):
+                if features in config.features:
+                    found[kind] = {"backbone": backbone, "frozen_stages": frozen, "features": features,
+                                   "head": "linear"}
         half = frozen_value(config, stages, stages // 2)
         if "probe" in config.head_inits and resolved(half, stages) < stages:
             found["lp-ft"] = {"backbone": backbone, "frozen_stages": half, "head": "linear", "head_init": "probe",
@@ -86,9 +94,9 @@ class Opening:
         return recipes(self.config, backbone, self.stages[backbone], self.pretrained[backbone])
 
     def first(self) -> list[tuple[str, dict]]:
-        """Stage 1: every pretrained candidate's probe; with none to probe, every candidate's recipes."""
-        probes = [("probe", found["probe"]) for name in self.candidates
-                  if "probe" in (found := self.recipes_of(name))]
+        """Stage 1: every pretrained candidate's probes; with none to probe, every candidate's recipes."""
+        probes = [(kind, found[kind]) for kind in PROBES for name in self.candidates
+                  if kind in (found := self.recipes_of(name))]
         if probes:
             return probes
         every = [(kind, found[kind]) for kind in KINDS for name in self.candidates
@@ -99,7 +107,7 @@ class Opening:
         """Stage 2, once due: (the backbone, its fine-tune and LP-FT). Due when the study's opening
         probes have all finished and at least one completed; the best by val wins, ties to the earlier
         trial. None while a probe is queued or running, or when no probe completed."""
-        probes = [t for t in trials if t.user_attrs.get(PORTFOLIO_ATTR) == "probe"]
+        probes = [t for t in trials if t.user_attrs.get(PORTFOLIO_ATTR) in PROBES]
         if not probes or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in probes):
             return None
         done = [t for t in probes if t.state == TrialState.COMPLETE and t.value is not None
@@ -108,7 +116,7 @@ class Opening:
             return None
         best = max(done, key=lambda t: (t.value, -t.number)).params["backbone"]
         found = self.recipes_of(best)
-        return best, [(kind, found[kind]) for kind in KINDS[1:] if kind in found]
+        return best, [(kind, found[kind]) for kind in KINDS[len(PROBES):] if kind in found]
 
     def queue_first(self, study: optuna.Study) -> tuple[list[tuple[str, dict]], int]:
         """Queue stage 1 in a new study; returns what was queued (cut at --trials) and how many were cut."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import WeightsRequest, provider_for
+from .backbones import WeightsRequest, provider_for, seeded
 from .checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
 from .config import OPTIMIZERS
 from .data import load_dataset, native_size, prepare
@@ -64,7 +64,7 @@ class PretrainConfig:
 def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False) -> Manifest:
     """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest."""
     config.validate()
-    torch.manual_seed(config.seed)  # random init (backbone and head) is part of what --seed fixes
+    torch.manual_seed(config.seed)  # the head's init is part of what --seed fixes (the backbone's: init_seed)
     found = registries(tuple(plugins))
     provider = provider_for(config.backbone, found)
     info = provider.describe(config.backbone)
@@ -72,7 +72,7 @@ def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool 
     refs = load_dataset(found.dataset_source(config.dataset), config.dataset)
     inputs = trial_inputs(info, config.image_size, device, native_size(refs.refs))
     data = prepare(refs, inputs.resize_size, val_fraction=config.val_fraction, seed=config.seed)
-    request = WeightsRequest(config.pretrained, config.weights)
+    request = seeded(WeightsRequest(config.pretrained, config.weights), config.seed)
     backbone = provider.create(config.backbone, request)
     model = assemble(backbone, HeadConfig("linear"), data.num_classes, frozen_stages=0)
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))

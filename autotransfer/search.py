@@ -31,6 +31,7 @@ from .errors import UserError
 from .events import Lifecycle, TrialEvent
 from .fastpath import CachePolicy, TrialCaches, default_cache_memory
 from .model import ModelCard, assemble
+from .multilevel import with_stage_features as stage_features
 from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
@@ -209,8 +210,9 @@ class Progress:
     def trial_started(self, number: int, params: TrialParams) -> None:
         head = params.head.kind + (f"({params.head.hidden}, p={params.head.dropout:.2f})" if params.head.kind == "mlp" else "")
         if params.probe:
+            features = " on every stage's features" if params.features == "stages" else ""
             self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
-                     "head linear: logistic-regression probe (C by CV on train)")
+                     f"head linear: logistic-regression probe{features} (C by CV on train)")
             return
         start = " from the probe (LP-FT)" if params.head_init == "probe" else ""
         self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
@@ -265,7 +267,6 @@ class Search:
                      self.config.batch_size, available_memory())
         self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
                             memory_budget=self.options.memory_budget)
-        torch.manual_seed(self.config.seed)  # random-init templates are reproducible (and cacheable)
         for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
             backbone = provider_for(name, self.registries).create(name, weights_request(self.config, name))
             self.sources[name] = backbone.source
@@ -453,12 +454,17 @@ class Search:
         state, value, model, reason, path, taken = "FAIL", None, None, None, None, False
         try:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
+            identity: tuple = (params.backbone, request)  # names the frozen tensors, for the caches
+            if params.features == "stages":
+                backbone = stage_features(backbone, inputs.image_size)
+                identity = (*identity, "stages")
+            torch.manual_seed(self.config.seed + trial.number)  # the head's init: this trial's alone
             model = assemble(backbone, params.head, self.data.num_classes, params.frozen_stages)
             trainable, total = model.parameter_counts()
             write(trial, trainable_params=trainable, total_params=total, weights_source=backbone.source,
                   pretrained=weights_label(request, backbone.source))
             if params.head_init == "probe" and not params.probe:  # LP-FT: start from the frozen backbone's probe
-                fitted = self.caches.probe_head(model, (params.backbone, request),
+                fitted = self.caches.probe_head(model, identity,
                                                 self.data.train.at_size(inputs.resize_size), inputs, self.device,
                                                 self.config.seed)
                 write(trial, probe_c=fitted.c)
@@ -478,7 +484,7 @@ class Search:
             settings = FitSettings(params.optimizer, params.lr, self.config.epochs, self.config.batch_size, self.device,
                                    self.config.seed + trial.number, self.config.compile,
                                    probe=params.probe)
-            path = self.caches.plan(model, (params.backbone, request), self.data.train.at_size(inputs.resize_size),
+            path = self.caches.plan(model, identity, self.data.train.at_size(inputs.resize_size),
                                     self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
                                     params.num_stages, settings)
             write(trial, cache=path.mode)
@@ -492,7 +498,7 @@ class Search:
                 head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                 image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                 mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, val_images=len(self.data.val),
-                trial=trial.number)
+                trial=trial.number, features=params.features)
             publish_best(study, model, card, self.out / BEST_DIR,
                          self.out / BEST_HISTORY_DIR if self.options.best_history else None)
             state = "COMPLETE"
@@ -548,14 +554,17 @@ class Search:
         if stored is not None:
             write_scorer_tau(stored, frame, self.out)
         from .holdout import saved_trial
+        from .model import read_card
+        from .selection import replaces
 
         saved = saved_trial(self.out / BEST_DIR)
-        if saved is not None:
-            complete = frame[frame["state"] == "COMPLETE"]
-            best_number = int(complete["trial"].iloc[0]) if len(complete) else None  # ties: the lower number
-            if best_number is not None and saved != best_number:
-                log.warning("best/ holds trial %s but the study's best is trial %s (another worker saved it?)",
-                            saved, best_number)
+        complete = frame[frame["state"] == "COMPLETE"]
+        if saved is not None and len(complete):  # rank 1 may differ from best/ only within the margin
+            card = read_card(self.out / BEST_DIR)
+            best_number, best_value = int(complete["trial"].iloc[0]), float(complete["val_accuracy"].iloc[0])
+            if card.val_accuracy is not None and replaces(best_value, card.val_accuracy, card.val_images):
+                log.warning("best/ holds trial %s but trial %s beats it by more than the selection margin "
+                            "(selection.py); was best/ written by another study?", saved, best_number)
 
 
 def load_source(config: SearchConfig, registries) -> LabelledRefs:
@@ -598,5 +607,5 @@ def _hparams(params: TrialParams, pretrained: str) -> dict:
     return {
         "backbone": params.backbone, "pretrained": pretrained, "frozen_stages": params.frozen_stages,
         "head": params.head.kind, "head_hidden": params.head.hidden or 0, "head_dropout": params.head.dropout,
-        "lr": params.lr, "optimizer": params.optimizer, "head_init": params.head_init,
+        "lr": params.lr, "optimizer": params.optimizer, "head_init": params.head_init, "features": params.features,
     }

@@ -23,6 +23,7 @@ class TrialParams:
     lr: float
     optimizer: str
     head_init: str = "random"  # "probe": the linear head starts from the frozen backbone's probe (LP-FT)
+    features: str = "final"  # a fully frozen trial's head reads the final features or every stage's (multilevel.py)
 
     @property
     def probe(self) -> bool:
@@ -46,10 +47,13 @@ def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str
         frozen = trial.suggest_int("frozen_stages", low, high)
     else:
         frozen = resolve_stage(trial.suggest_categorical("frozen_stages", tokens), stages)
+    features = "final"
+    if frozen >= stages:  # drawn before the head, so ProbeOnce knows which probe a linear head would repeat
+        features = trial.suggest_categorical("features", config.features)
     kind = trial.suggest_categorical("head", config.heads)
     head = HeadConfig(kind)
     if frozen >= stages and kind == "linear":  # the probe: nothing else to choose
-        return TrialParams(backbone, frozen, stages, head, 0.0, PROBE_OPTIMIZER, "probe")
+        return TrialParams(backbone, frozen, stages, head, 0.0, PROBE_OPTIMIZER, "probe", features)
     head_init = "random"
     if kind == "mlp":
         hidden = trial.suggest_categorical("head_hidden", config.head_hidden)
@@ -58,7 +62,7 @@ def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str
         head_init = trial.suggest_categorical("head_init", config.head_inits)
     lr = _suggest_float(trial, "lr", config.lr, log=True)
     optimizer = trial.suggest_categorical("optimizer", config.optimizers)
-    return TrialParams(backbone, frozen, stages, head, lr, optimizer, head_init)
+    return TrialParams(backbone, frozen, stages, head, lr, optimizer, head_init, features)
 
 
 def _suggest_float(trial: optuna.Trial, name: str, bounds: tuple[float, float], log: bool = False) -> float:
@@ -84,11 +88,13 @@ def first_trial(config: SearchConfig, backbone: str, stages: int) -> dict:
 
 
 class ProbeOnce(optuna.samplers.BaseSampler):
-    """A sampler wrapper that never draws a backbone's probe (whole backbone frozen, linear head) again
-    once it is finished, running or queued. The probe has nothing else to vary, so a repeat is an exact
-    duplicate the search would only skip, and TPE keeps proposing it when it scores well. The draws that
-    would repeat it are replaced: the head by another allowed head, or, with only a linear head allowed,
-    the frozen depth by another allowed depth. Everything else is the wrapped sampler's."""
+    """A sampler wrapper that never draws a backbone's probe (whole backbone frozen, linear head, one
+    kind of features) again once it is finished, running or queued. The probe has nothing else to vary,
+    so a repeat is an exact duplicate the search would only skip, and TPE keeps proposing it when it
+    scores well. The draws that would repeat it are replaced: the features by another allowed kind whose
+    probe is not taken (when the head can only be linear), the head by another allowed head, or, with
+    only a linear head allowed, the frozen depth by another allowed depth. Everything else is the
+    wrapped sampler's."""
 
     def __init__(self, base: optuna.samplers.BaseSampler, config: SearchConfig, num_stages: dict[str, int]):
         self.base, self.config, self.num_stages = base, config, num_stages
@@ -111,41 +117,57 @@ class ProbeOnce(optuna.samplers.BaseSampler):
         for source in sources:
             if name in source:
                 return source[name]
-        choices = {"backbone": self.config.backbones, "head": self.config.heads}.get(name, [])
+        choices = {"backbone": self.config.backbones, "head": self.config.heads,
+                   "features": self.config.features}.get(name, [])
         return choices[0] if len(choices) == 1 else None
 
     def sample_relative(self, study, trial, search_space):
         params = dict(self.base.sample_relative(study, trial, search_space))
         backbone = self._known("backbone", params, trial.params)
         if backbone is not None and self._repeats(study, backbone, params.get("frozen_stages"),
-                                                  self._known("head", params, trial.params)):
-            params.pop("head" if "head" in params else "frozen_stages", None)  # drawn again, guarded
+                                                  self._known("head", params, trial.params),
+                                                  self._known("features", params, trial.params)):
+            drop = [name for name in ("features", "head") if name in params]
+            if "head" not in drop and self._repeats(study, backbone, params.get("frozen_stages"),
+                                                    self._known("head", trial.params), None):
+                drop.append("frozen_stages")  # every kind of this probe is taken and the head cannot change
+            for name in drop:
+                params.pop(name)  # drawn again, one by one, each guarded
         return params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         value = self.base.sample_independent(study, trial, param_name, param_distribution)
         backbone = self._known("backbone", trial.params)
-        if backbone is None or param_name not in ("head", "frozen_stages"):
+        if backbone is None or param_name not in ("head", "frozen_stages", "features"):
             return value
         frozen = value if param_name == "frozen_stages" else trial.params.get("frozen_stages")
         head = value if param_name == "head" else self._known("head", trial.params)
-        if not self._repeats(study, backbone, frozen, head):
+        features = value if param_name == "features" else self._known("features", trial.params)
+        if not self._repeats(study, backbone, frozen, head, features):
             return value
-        others = _other_values(param_name, param_distribution, value, self.num_stages.get(backbone, 0))
+        if param_name == "features":
+            taken = probes_taken(study, stages_of=self.num_stages)
+            others = [c for c in param_distribution.choices if c != value and (backbone, c) not in taken]
+        else:
+            others = _other_values(param_name, param_distribution, value, self.num_stages.get(backbone, 0))
         if not others:
             return value
         rng = np.random.default_rng(trial.number)
         return others[int(rng.integers(len(others)))]
 
-    def _repeats(self, study, backbone: str, frozen, head) -> bool:
+    def _repeats(self, study, backbone: str, frozen, head, features) -> bool:
+        """Whether these values make a probe already taken; unknown values (None) cannot repeat one,
+        except the features of a probe whose kind is still to be drawn: then every kind must be taken."""
         stages = self.num_stages.get(backbone)
         if stages is None or frozen is None or head != "linear" or resolved(frozen, stages) < stages:
             return False
-        return backbone in probes_taken(study, stages_of=self.num_stages)
+        taken = probes_taken(study, stages_of=self.num_stages)
+        kinds = [features] if features is not None else self.config.features
+        return all((backbone, kind) in taken for kind in kinds)
 
 
-def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[str]:
-    """Backbones whose probe is finished, running or queued in `study`."""
+def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[tuple[str, str]]:
+    """(backbone, features) of every probe finished, running or queued in `study`."""
     from optuna.trial import TrialState
 
     taken = set()
@@ -155,7 +177,7 @@ def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[str]:
         backbone = params.get("backbone")
         if backbone in stages_of and params.get("head") == "linear" and "frozen_stages" in params and \
                 resolved(params["frozen_stages"], stages_of[backbone]) >= stages_of[backbone]:
-            taken.add(backbone)
+            taken.add((backbone, params.get("features", "final")))
     return taken
 
 

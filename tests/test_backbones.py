@@ -249,6 +249,22 @@ def test_create_returns_independent_copies(provider):
     assert not torch.equal(next(first.module.parameters()), next(second.module.parameters()))
 
 
+def test_random_init_depends_on_the_request_alone():
+    """A fresh provider after other draws gives the same init for the same init_seed (so a second
+    search in one process repeats the first); another seed gives another init; the global RNG is
+    left as it was."""
+    def first_tensor(seed: int) -> torch.Tensor:
+        return next(TimmProvider().create("test_resnet", WeightsRequest(False, init_seed=seed)).module.parameters())
+
+    reference = first_tensor(3)
+    torch.manual_seed(123)
+    torch.rand(7)
+    before = torch.random.get_rng_state()
+    assert torch.equal(first_tensor(3), reference)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert not torch.equal(first_tensor(4), reference)
+
+
 # --------------------------------------------------------------------------- weights from a local file
 
 def _save_weights(path: Path, state: dict[str, torch.Tensor], fmt: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -63,7 +65,8 @@ def test_tensorboard_has_scalars_and_hparams(tmp_path):
 
     out = tmp_path / "tb"
     assert main(["search", "--dataset", "builtin:digits", "--backbones", "test_resnet", "--no-pretrained",
-                 "--trials", "1", "--epochs", "2", "--out", str(out), "--quiet", "--frozen-stages", "all"]) == 0
+                 "--trials", "1", "--epochs", "2", "--out", str(out), "--quiet", "--frozen-stages", "all",
+                 "--heads", "mlp"]) == 0  # an mlp head trains epoch by epoch (a probe is one step)
     events = EventAccumulator(str(out / "tensorboard" / "trial_0000"))
     events.Reload()
     tags = events.Tags()
@@ -109,8 +112,9 @@ def test_predict_reproduces_leaderboard_accuracy(tmp_path):
     assert main(["search", "--dataset", str(data), "--backbones", "test_resnet,test_vit", "--no-pretrained",
                  "--trials", "3", "--epochs", "2", "--out", str(out), "--quiet", "--pruner", "none"]) == 0
     board = pd.read_csv(out / "leaderboard.csv")
-    best = board.iloc[0]
-    assert best["state"] == "COMPLETE" and best["rank"] == 1
+    chosen = json.loads((out / "best" / "model.json").read_text())["trial"]  # within the margin, not always rank 1
+    best = board[board["trial"] == chosen].iloc[0]
+    assert best["state"] == "COMPLETE"
 
     preds_file = tmp_path / "preds.csv"
     assert main(["predict", "--model", str(out / "best"), str(data / "val"), "--output", str(preds_file)]) == 0

@@ -263,7 +263,8 @@ def test_search_records_the_cache_path_of_every_trial(tmp_path):
 def test_trials_reuse_the_features_prerank_extracted(tmp_path):
     out = tmp_path / "p"
     assert main(["search", "--dataset", "builtin:digits:0-4", "--backbones", "test_resnet,test_efficientnet",
-                 "--no-pretrained", "--prerank", "hscore", "--top-k", "1", "--frozen-stages", "all", "--trials", "1",
+                 "--no-pretrained", "--prerank", "hscore", "--top-k", "1", "--frozen-stages", "all", "--features", "final",
+                 "--trials", "1",
                  "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     trial = optuna.load_study(study_name="digits-0-4", storage=f"sqlite:///{out / 'study.db'}").trials[0]
     assert trial.user_attrs["cache"] == "features"

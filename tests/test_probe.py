@@ -72,7 +72,7 @@ def test_a_fully_frozen_trial_is_never_worse_than_the_benchmark_probe(tmp_path):
     weights = weights_file(tmp_path)
     out = tmp_path / "search"
     assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--frozen-stages", "all", "--heads",
-                 "linear", "--trials", "1", "--out", str(out)]) == 0
+                 "linear", "--features", "final", "--trials", "1", "--out", str(out)]) == 0
     trial = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").trials[0]
     assert trial.user_attrs["head_init"] == "probe" and not trial.intermediate_values  # nothing for the pruner
     assert "lr" not in trial.params and "optimizer" not in trial.params
@@ -123,8 +123,11 @@ def test_lp_ft_starts_from_the_probe_and_keeps_its_normalisation_statistics(tmp_
 def test_the_portfolio_stays_inside_the_configured_space():
     base = SearchConfig(dataset="d", backbones=["b"], trials=10).validate()
     recipes = portfolio(base, "b", 5, pretrained=True)
-    assert list(recipes) == ["probe", "fine-tune", "lp-ft"]  # the order they are queued in
-    assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "head": "linear"}
+    assert list(recipes) == ["stage-probe", "probe", "fine-tune", "lp-ft"]  # the order they are queued in
+    assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "features": "final", "head": "linear"}
+    assert recipes["stage-probe"] == {"backbone": "b", "frozen_stages": 5, "features": "stages", "head": "linear"}
+    final_only = SearchConfig(dataset="d", backbones=["b"], features=["final"], trials=10).validate()
+    assert list(portfolio(final_only, "b", 5, pretrained=True)) == ["probe", "fine-tune", "lp-ft"]
     assert recipes["lp-ft"] == {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe",
                                 "lr": 1e-4, "optimizer": "adam"}
     assert recipes["fine-tune"] == {"backbone": "b", "frozen_stages": 0, "head": "linear", "head_init": "random",
@@ -135,7 +138,7 @@ def test_the_portfolio_stays_inside_the_configured_space():
                                                                "head_hidden": 128, "head_dropout": 0.0,
                                                                "optimizer": "adam"}}
     frozen_only = SearchConfig(dataset="d", backbones=["b"], frozen_stages="all", trials=10).validate()
-    assert list(portfolio(frozen_only, "b", 5, True)) == ["probe"]
+    assert list(portfolio(frozen_only, "b", 5, True)) == ["stage-probe", "probe"]
     shallow = SearchConfig(dataset="d", backbones=["b"], frozen_stages="2-3", lr=(1e-2, 1e-1), trials=10).validate()
     shallow_recipes = portfolio(shallow, "b", 5, True)
     assert shallow_recipes == {
@@ -152,23 +155,26 @@ def _opening(trials: int | None = 10, pretrained: dict[str, bool] | None = None)
     return Opening(config, list(pretrained), {name: 5 for name in pretrained}, pretrained)
 
 
-def _probe_trial(backbone: str, value: float | None, state=optuna.trial.TrialState.COMPLETE):
+def _probe_trial(backbone: str, value: float | None, state=optuna.trial.TrialState.COMPLETE, kind: str = "probe"):
     dists = {"backbone": optuna.distributions.CategoricalDistribution([backbone]),
              "frozen_stages": optuna.distributions.IntDistribution(0, 5),
+             "features": optuna.distributions.CategoricalDistribution(["final", "stages"]),
              "head": optuna.distributions.CategoricalDistribution(["linear"])}
+    features = "stages" if kind == "stage-probe" else "final"
     return optuna.trial.create_trial(state=state, value=value, params={"backbone": backbone, "frozen_stages": 5,
-                                                                      "head": "linear"},
-                                     distributions=dists, user_attrs={PORTFOLIO_ATTR: "probe"})
+                                                                      "features": features, "head": "linear"},
+                                     distributions=dists, user_attrs={PORTFOLIO_ATTR: kind})
 
 
 def test_the_opening_probes_first_then_follows_up_on_the_best_probed_backbone_only():
     opening = _opening()
-    assert [(kind, p["backbone"]) for kind, p in opening.first()] == [("probe", "a"), ("probe", "b")]  # not "r"
+    assert [(kind, p["backbone"]) for kind, p in opening.first()] == [  # not "r"; every stage probe first
+        ("stage-probe", "a"), ("stage-probe", "b"), ("probe", "a"), ("probe", "b")]
     study = optuna.create_study(direction="maximize")
     opening.queue_first(study)
     assert opening.queue_due(study) == []  # the probes are queued, not finished
     waiting = study.get_trials(deepcopy=False)
-    assert [t.state for t in waiting] == [optuna.trial.TrialState.WAITING] * 2
+    assert [t.state for t in waiting] == [optuna.trial.TrialState.WAITING] * 4
 
     finished = optuna.create_study(direction="maximize")
     finished.add_trial(_probe_trial("a", 0.80))
@@ -180,6 +186,12 @@ def test_the_opening_probes_first_then_follows_up_on_the_best_probed_backbone_on
     assert opening.queue_due(finished) == queue and finished.user_attrs[FOLLOW_UP_ATTR] == "b"
     assert opening.queue_due(finished) == []  # queued once: a resumed study or another worker does not repeat it
     assert [t.user_attrs[PORTFOLIO_ATTR] for t in finished.trials] == ["probe", "probe", "fine-tune", "lp-ft"]
+
+    by_stages = [_probe_trial("a", 0.80), _probe_trial("b", 0.85), _probe_trial("a", 0.95, kind="stage-probe"),
+                 _probe_trial("b", 0.90, kind="stage-probe")]
+    assert opening.follow_up(by_stages)[0] == "a"  # the best probe of either kind picks the backbone
+    assert opening.follow_up([*by_stages, _probe_trial("b", None, optuna.trial.TrialState.WAITING,
+                                                       kind="stage-probe")]) is None  # every probe must finish
 
 
 def test_the_opening_follow_up_breaks_ties_to_the_earlier_probe_and_needs_one_that_completed():
@@ -203,7 +215,7 @@ def test_the_opening_never_queues_past_the_budget_and_without_probes_queues_ever
 
     one = _opening(trials=1)
     queued, cut = one.queue_first(optuna.create_study(direction="maximize"))
-    assert [(kind, p["backbone"]) for kind, p in queued] == [("probe", "a")] and cut == 1  # "1 more left out"
+    assert [(kind, p["backbone"]) for kind, p in queued] == [("stage-probe", "a")] and cut == 3  # "3 more left out"
 
     random_only = _opening(pretrained={"r": False, "s": False})
     assert [(kind, p["backbone"]) for kind, p in random_only.first()] == [("fine-tune", "r"), ("fine-tune", "s")]
@@ -214,17 +226,19 @@ def test_a_new_study_opens_with_the_portfolio_and_a_resumed_one_does_not_replay_
     weights = weights_file(tmp_path)
     out = tmp_path / "open"
     args = ["search", *TINY, "--weights", f"test_resnet={weights}", "--out", str(out)]
-    assert main([*args, "--trials", "3"]) == 0
+    assert main([*args, "--trials", "4"]) == 0
     storage = f"sqlite:///{out / 'study.db'}"
     trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
-    assert [t.user_attrs.get("portfolio") for t in trials] == ["probe", "fine-tune", "lp-ft"]
-    assert [t.user_attrs["head_init"] for t in trials] == ["probe", "random", "probe"]
-    assert trials[2].user_attrs["probe_c"] > 0
+    assert [t.user_attrs.get("portfolio") for t in trials] == ["stage-probe", "probe", "fine-tune", "lp-ft"]
+    assert [t.user_attrs["head_init"] for t in trials] == ["probe", "probe", "random", "probe"]
+    assert [t.params.get("features") for t in trials] == ["stages", "final", None, None]
+    assert "train from the cache, val from the cache" in trials[1].user_attrs["cache_note"]  # the stage pass's columns
+    assert trials[3].user_attrs["probe_c"] > 0
     board = pd.read_csv(out / "leaderboard.csv").set_index("trial")
-    assert [board.loc[n, "opening"] for n in range(3)] == ["probe", "fine-tune", "lp-ft"]  # the leaderboard says so
-    assert main([*args, "--trials", "5"]) == 0
+    assert [board.loc[n, "opening"] for n in range(4)] == ["stage-probe", "probe", "fine-tune", "lp-ft"]
+    assert main([*args, "--trials", "6"]) == 0
     trials = optuna.load_study(study_name="digits-0-2", storage=storage).trials
-    assert len(trials) == 5 and [t.user_attrs.get("portfolio") for t in trials[3:]] == [None, None]
+    assert len(trials) == 6 and [t.user_attrs.get("portfolio") for t in trials[4:]] == [None, None]
 
     plain = tmp_path / "plain"
     assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--out", str(plain), "--trials", "1",
@@ -247,15 +261,18 @@ def test_a_finished_probe_is_never_drawn_again(heads, spec):
     for base in (optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0, n_startup_trials=3,
                                                                                    multivariate=True, group=True)):
         study = _config_study(config, {"b": 3}, base)
-        probe = {"backbone": "b", "frozen_stages": 3 if spec == "0-all" else "all", "head": "linear"}
+        probe = {"backbone": "b", "frozen_stages": 3 if spec == "0-all" else "all", "features": "final",
+                 "head": "linear"}
         study.enqueue_trial(probe)
         drawn = []
         for _ in range(25):
             trial = study.ask()
             params = suggest(trial, config, lambda name: 3)
             drawn.append(params)
-            study.tell(trial, 0.9 if params.probe else 0.5)  # the probe scores best: TPE would chase it
-        assert drawn[0].probe and not any(p.probe for p in drawn[1:])
+            study.tell(trial, 0.9 if params.probe else 0.5)  # the probes score best: TPE would chase them
+        probes = [p.features for p in drawn if p.probe]
+        assert drawn[0].probe and sorted(probes) == sorted(set(probes))  # each kind of probe at most once
+        assert set(probes) <= {"final", "stages"}
 
 
 def test_median_pruning_compares_trials_that_started_alike():
