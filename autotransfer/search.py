@@ -553,18 +553,16 @@ class Search:
         stored = study.user_attrs.get(PRERANK_ATTR)
         if stored is not None:
             write_scorer_tau(stored, frame, self.out)
-        from .holdout import saved_trial
-        from .model import read_card
+        from .model import CONFIG_FILE, read_card
         from .selection import replaces
 
-        saved = saved_trial(self.out / BEST_DIR)
         complete = frame[frame["state"] == "COMPLETE"]
-        if saved is not None and len(complete):  # rank 1 may differ from best/ only within the margin
+        if (self.out / BEST_DIR / CONFIG_FILE).is_file() and len(complete):  # rank 1 may differ only within the margin
             card = read_card(self.out / BEST_DIR)
             best_number, best_value = int(complete["trial"].iloc[0]), float(complete["val_accuracy"].iloc[0])
             if card.val_accuracy is not None and replaces(best_value, card.val_accuracy, card.val_images):
                 log.warning("best/ holds trial %s but trial %s beats it by more than the selection margin "
-                            "(selection.py); was best/ written by another study?", saved, best_number)
+                            "(selection.py); was best/ written by another study?", card.trial, best_number)
 
 
 def load_source(config: SearchConfig, registries) -> LabelledRefs:
