@@ -47,6 +47,10 @@ def _search_parser(sub) -> None:
                    help=f"comma list of {','.join(c.FEATURES)}: what the head of a fully frozen trial reads; "
                         "stages = the pooled output of every stage beside the final features (Head2Toe-style) "
                         f"(default {','.join(c.FEATURES)})")
+    p.add_argument("--probe-c", dest="probe_cs", type=c.parse_list,
+                   help=f"comma list of the L2 strengths C a fully frozen trial's probe may use: {c.PROBE_C_CV} = chosen "
+                        "by cross-validation on train (the opening's probes and the benchmark's linear probe), a "
+                        f"number = that C, so the sampler can try it on the cached features (default {','.join(c.PROBE_CS)})")
     p.add_argument("--portfolio", action=argparse.BooleanOptionalAction,
                    help="open a new study with the recipes known to work: the linear probes (final and stage "
                         "features) of every pretrained backbone, then a full fine-tune and LP-FT of the best-probed one; the sampler takes over "
@@ -202,7 +206,7 @@ def _search(args: argparse.Namespace) -> int:
 
     given = vars(args)
     explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
-                                      "optimizers", "head_inits", "features", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
+                                      "optimizers", "head_inits", "features", "probe_cs", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
                                       "seed",
                                       "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
                                       "compile") if k in given}

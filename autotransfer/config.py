@@ -19,6 +19,8 @@ DEFAULT_OPTIMIZERS = ("adam", "rmsprop")
 PRUNERS = ("median", "hyperband", "none")
 HEAD_INITS = ("random", "probe")  # a linear head on trainable stages starts at random or from the probe (LP-FT)
 FEATURES = ("final", "stages")  # what a fully frozen trial's head reads: the last stage, or every stage (multilevel.py)
+PROBE_C_CV = "cv"  # a probe's L2 strength chosen by cross-validation on train (probe.py), the opening's and the baseline's
+PROBE_CS = (PROBE_C_CV, "0.001", "0.003", "0.01", "0.03", "0.1", "0.3", "1.0")  # --probe-c: CV, or a fixed C to try
 CPU_IMAGE_SIZE_CAP = 160
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
 CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
@@ -44,6 +46,7 @@ class SearchConfig:
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
     head_inits: list[str] = field(default_factory=lambda: list(HEAD_INITS))
     features: list[str] = field(default_factory=lambda: list(FEATURES))
+    probe_cs: list[str] = field(default_factory=lambda: list(PROBE_CS))  # a probe's C: "cv", or fixed values
     portfolio: bool = True  # a new study opens with the probe, LP-FT and fine-tune of each backbone
     epochs: int = 5
     batch_size: int = 32
@@ -81,6 +84,7 @@ class SearchConfig:
         _check_subset("--optimizers", self.optimizers, OPTIMIZERS)
         _check_subset("--head-init", self.head_inits, HEAD_INITS)
         _check_subset("--features", self.features, FEATURES)
+        self.probe_cs = parse_probe_cs(self.probe_cs)
         if self.pruner not in PRUNERS:
             raise UserError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
         _check_positive("--epochs", self.epochs)
@@ -143,6 +147,32 @@ def _check_subset(flag: str, values: list[str], allowed: tuple[str, ...]) -> Non
     for value in values:
         if value not in allowed:
             raise UserError(f"{flag}: unknown value {value!r}; choose from {', '.join(allowed)}")
+
+
+def parse_probe_cs(values: list[str]) -> list[str]:
+    """`--probe-c` values, each "cv" or a positive number, written one way ("1e-2" and "0.01" are one C)."""
+    if not values:
+        raise UserError(f"--probe-c is empty; give {PROBE_C_CV} and/or positive numbers such as 0.01,0.1")
+    parsed = []
+    for value in values:
+        text = str(value).strip().lower()
+        if text == PROBE_C_CV:
+            parsed.append(PROBE_C_CV)
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if not (math.isfinite(number) and number > 0):
+            raise UserError(f"--probe-c: {value!r} is neither {PROBE_C_CV!r} nor a positive number; "
+                            "give e.g. cv,0.01,0.1")
+        parsed.append(repr(number))
+    return list(dict.fromkeys(parsed))
+
+
+def probe_c_value(choice: str) -> float | None:
+    """A `--probe-c` choice as the C to fit with; None for cross-validation."""
+    return None if choice == PROBE_C_CV else float(choice)
 
 
 def _check_positive(flag: str, value: int) -> None:

@@ -176,8 +176,7 @@ class TrialCaches:
         def run(on_epoch: Callable[[EpochStats], None], settings: FitSettings) -> list[EpochStats]:
             if settings.probe:
                 return probe_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
-                                         torch.from_numpy(val_found.features), val_set.labels, seed=settings.seed,
-                                         device=settings.device, on_epoch=on_epoch)
+                                         torch.from_numpy(val_found.features), val_set.labels, settings, on_epoch)
             return train_on_features(model, torch.from_numpy(train_found.features), train_set.labels,
                                      torch.from_numpy(val_found.features), val_set.labels, settings, on_epoch)
         spent = sum(found.seconds for found in (train_found, val_found) if not found.cached)

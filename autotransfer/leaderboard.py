@@ -93,6 +93,7 @@ TABLE = [
                                         if row.mlp else None)),
     Column("head_init", lambda row: row.record.head_init),  # probe: the converged probe, or LP-FT's start
     Column("features", _param("features")),  # a fully frozen trial's: final, or every stage's (multilevel.py)
+    Column("probe_c", lambda row: row.record.probe_c),  # the probe's L2 strength (CV's choice, or the drawn one)
     Column("lr", lambda row: row.trial.params.get("lr", row.record.lr)),
     Column("optimizer", _param("optimizer")),
     Column("epochs", lambda row: (len(row.trial.intermediate_values) if row.record.epochs_done is None

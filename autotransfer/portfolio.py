@@ -37,7 +37,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import SearchConfig, parse_frozen_spec, resolve_stage
+from .config import PROBE_C_CV, SearchConfig, parse_frozen_spec, resolve_stage
 from .record import FOLLOW_UP_KEY, key
 
 PORTFOLIO_ATTR = key("portfolio")  # on a queued opening trial: which recipe it is (KINDS)
@@ -61,7 +61,7 @@ def recipes(config: SearchConfig, backbone: str, stages: int, pretrained: bool) 
             for kind, features in zip(PROBES, ("stages", "final")):
                 if features in config.features:
                     found[kind] = {"backbone": backbone, "frozen_stages": frozen, "features": features,
-                                   "head": "linear"}
+                                   "head": "linear", "probe_c": opening_c(config)}
         half = frozen_value(config, stages, stages // 2)
         if "probe" in config.head_inits and resolved(half, stages) < stages:
             found["lp-ft"] = {"backbone": backbone, "frozen_stages": half, "head": "linear", "head_init": "probe",
@@ -144,6 +144,11 @@ def _enqueue(study: optuna.Study, queue: list[tuple[str, dict]], budget: int | N
     for kind, params in queue:
         study.enqueue_trial(params, user_attrs={PORTFOLIO_ATTR: kind}, skip_if_exists=True)
     return queue
+
+
+def opening_c(config: SearchConfig) -> str:
+    """The opening probes' C: chosen by cross-validation (as the benchmark's probe), when the space allows it."""
+    return PROBE_C_CV if PROBE_C_CV in config.probe_cs else config.probe_cs[0]
 
 
 def frozen_value(config: SearchConfig, stages: int, target: int) -> int | str:

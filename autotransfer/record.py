@@ -33,7 +33,7 @@ class TrialRecord:
     weights_source: str | None = None  # where the weights came from, as the provider says
     image_size: int | None = None
     head_init: str | None = None  # random, or probe: the converged probe (fully frozen) or LP-FT's start
-    probe_c: float | None = None  # the L2 strength the LP-FT head's probe chose
+    probe_c: float | None = None  # the L2 strength of the probe: the trial's head, or the LP-FT head's start
     lr: float | None = None  # the learning rate when --lr pinned it (otherwise a sampled parameter)
     head_dropout: float | None = None  # the MLP head's dropout when --head-dropout pinned it
     trainable_params: int | None = None

@@ -212,7 +212,8 @@ class Progress:
         if params.probe:
             features = " on every stage's features" if params.features == "stages" else ""
             self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
-                     f"head linear: logistic-regression probe{features} (C by CV on train)")
+                     f"head linear: logistic-regression probe{features} "
+                     f"({'C by CV on train' if params.probe_c is None else f'C {params.probe_c:g}'})")
             return
         start = " from the probe (LP-FT)" if params.head_init == "probe" else ""
         self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
@@ -473,6 +474,8 @@ class Search:
             def on_epoch(stats: EpochStats) -> None:
                 tracker.epoch(stats)
                 write(trial, epochs_done=stats.epoch)
+                if stats.probe_c is not None:
+                    write(trial, probe_c=stats.probe_c)
                 if not params.probe:  # a probe converges in one step: nothing to compare with others' epochs
                     trial.report(stats.val_accuracy, stats.epoch)
                 progress.epoch(trial.number, stats, 1 if params.probe else self.config.epochs, _best_value(study))
@@ -483,7 +486,7 @@ class Search:
 
             settings = FitSettings(params.optimizer, params.lr, self.config.epochs, self.config.batch_size, self.device,
                                    self.config.seed + trial.number, self.config.compile,
-                                   probe=params.probe)
+                                   probe=params.probe, probe_c=params.probe_c)
             path = self.caches.plan(model, identity, self.data.train.at_size(inputs.resize_size),
                                     self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
                                     params.num_stages, settings)

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import optuna
 
-from .config import SearchConfig, parse_frozen_spec, resolve_stage
+from .config import PROBE_C_CV, SearchConfig, parse_frozen_spec, probe_c_value, resolve_stage
 from .heads import HeadConfig
 from .portfolio import frozen_value, lr_value, resolved
 from .record import write
@@ -24,6 +24,7 @@ class TrialParams:
     optimizer: str
     head_init: str = "random"  # "probe": the linear head starts from the frozen backbone's probe (LP-FT)
     features: str = "final"  # a fully frozen trial's head reads the final features or every stage's (multilevel.py)
+    probe_c: float | None = None  # a probe's L2 strength; None: chosen by cross-validation on train (probe.py)
 
     @property
     def probe(self) -> bool:
@@ -52,8 +53,9 @@ def suggest(trial: optuna.Trial, config: SearchConfig, num_stages: Callable[[str
         features = trial.suggest_categorical("features", config.features)
     kind = trial.suggest_categorical("head", config.heads)
     head = HeadConfig(kind)
-    if frozen >= stages and kind == "linear":  # the probe: nothing else to choose
-        return TrialParams(backbone, frozen, stages, head, 0.0, PROBE_OPTIMIZER, "probe", features)
+    if frozen >= stages and kind == "linear":  # the probe: nothing to choose but its L2 strength
+        probe_c = probe_c_value(trial.suggest_categorical("probe_c", config.probe_cs))
+        return TrialParams(backbone, frozen, stages, head, 0.0, PROBE_OPTIMIZER, "probe", features, probe_c)
     head_init = "random"
     if kind == "mlp":
         hidden = trial.suggest_categorical("head_hidden", config.head_hidden)
@@ -89,12 +91,12 @@ def first_trial(config: SearchConfig, backbone: str, stages: int) -> dict:
 
 class ProbeOnce(optuna.samplers.BaseSampler):
     """A sampler wrapper that never draws a backbone's probe (whole backbone frozen, linear head, one
-    kind of features) again once it is finished, running or queued. The probe has nothing else to vary,
+    kind of features, one C) again once it is finished, running or queued. A probe is deterministic,
     so a repeat is an exact duplicate the search would only skip, and TPE keeps proposing it when it
-    scores well. The draws that would repeat it are replaced: the features by another allowed kind whose
-    probe is not taken (when the head can only be linear), the head by another allowed head, or, with
-    only a linear head allowed, the frozen depth by another allowed depth. Everything else is the
-    wrapped sampler's."""
+    scores well. The draws that would repeat one are replaced: the C by another allowed C not taken,
+    the features by another allowed kind with a C not taken (when the head can only be linear), the
+    head by another allowed head, or, with only a linear head allowed, the frozen depth by another
+    allowed depth. Everything else is the wrapped sampler's."""
 
     def __init__(self, base: optuna.samplers.BaseSampler, config: SearchConfig, num_stages: dict[str, int]):
         self.base, self.config, self.num_stages = base, config, num_stages
@@ -118,36 +120,41 @@ class ProbeOnce(optuna.samplers.BaseSampler):
             if name in source:
                 return source[name]
         choices = {"backbone": self.config.backbones, "head": self.config.heads,
-                   "features": self.config.features}.get(name, [])
+                   "features": self.config.features, "probe_c": self.config.probe_cs,
+                   "frozen_stages": _frozen_choices(self.config)}.get(name, [])
         return choices[0] if len(choices) == 1 else None
 
     def sample_relative(self, study, trial, search_space):
         params = dict(self.base.sample_relative(study, trial, search_space))
         backbone = self._known("backbone", params, trial.params)
-        if backbone is not None and self._repeats(study, backbone, params.get("frozen_stages"),
+        frozen = self._known("frozen_stages", params, trial.params)
+        if backbone is not None and self._repeats(study, trial.number, backbone, frozen,
                                                   self._known("head", params, trial.params),
-                                                  self._known("features", params, trial.params)):
-            drop = [name for name in ("features", "head") if name in params]
-            if "head" not in drop and self._repeats(study, backbone, params.get("frozen_stages"),
-                                                    self._known("head", trial.params), None):
+                                                  self._known("features", params, trial.params),
+                                                  self._known("probe_c", params, trial.params)):
+            drop = [name for name in ("features", "probe_c", "head") if name in params]
+            if "head" not in drop and self._repeats(study, trial.number, backbone, frozen,
+                                                    self._known("head", trial.params), None, None):
                 drop.append("frozen_stages")  # every kind of this probe is taken and the head cannot change
             for name in drop:
-                params.pop(name)  # drawn again, one by one, each guarded
+                params.pop(name, None)  # drawn again, one by one, each guarded (a pinned one is not drawn)
         return params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         value = self.base.sample_independent(study, trial, param_name, param_distribution)
         backbone = self._known("backbone", trial.params)
-        if backbone is None or param_name not in ("head", "frozen_stages", "features"):
+        if backbone is None or param_name not in ("head", "frozen_stages", "features", "probe_c"):
             return value
-        frozen = value if param_name == "frozen_stages" else trial.params.get("frozen_stages")
+        frozen = value if param_name == "frozen_stages" else self._known("frozen_stages", trial.params)
         head = value if param_name == "head" else self._known("head", trial.params)
         features = value if param_name == "features" else self._known("features", trial.params)
-        if not self._repeats(study, backbone, frozen, head, features):
+        probe_c = value if param_name == "probe_c" else self._known("probe_c", trial.params)
+        if not self._repeats(study, trial.number, backbone, frozen, head, features, probe_c):
             return value
-        if param_name == "features":
-            taken = probes_taken(study, stages_of=self.num_stages)
-            others = [c for c in param_distribution.choices if c != value and (backbone, c) not in taken]
+        if param_name in ("features", "probe_c"):
+            others = [choice for choice in param_distribution.choices if choice != value and not self._repeats(
+                study, trial.number, backbone, frozen, "linear", choice if param_name == "features" else features,
+                choice if param_name == "probe_c" else probe_c)]
         else:
             others = _other_values(param_name, param_distribution, value, self.num_stages.get(backbone, 0))
         if not others:
@@ -155,29 +162,43 @@ class ProbeOnce(optuna.samplers.BaseSampler):
         rng = np.random.default_rng(trial.number)
         return others[int(rng.integers(len(others)))]
 
-    def _repeats(self, study, backbone: str, frozen, head, features) -> bool:
+    def _repeats(self, study, trial_number: int, backbone: str, frozen, head, features, probe_c) -> bool:
         """Whether these values make a probe already taken; unknown values (None) cannot repeat one,
-        except the features of a probe whose kind is still to be drawn: then every kind must be taken."""
+        except the features and C of a probe still to be drawn: then every allowed one must be taken."""
         stages = self.num_stages.get(backbone)
         if stages is None or frozen is None or head != "linear" or resolved(frozen, stages) < stages:
             return False
-        taken = probes_taken(study, stages_of=self.num_stages)
+        taken = probes_taken(study, stages_of=self.num_stages, drawing=trial_number)
         kinds = [features] if features is not None else self.config.features
-        return all((backbone, kind) in taken for kind in kinds)
+        cs = [probe_c] if probe_c is not None else self.config.probe_cs
+        return all((backbone, kind, c) in taken for kind in kinds for c in cs)
 
 
-def probes_taken(study: optuna.Study, stages_of: dict[str, int]) -> set[tuple[str, str]]:
-    """(backbone, features) of every probe finished, running or queued in `study`."""
+def _frozen_choices(config: SearchConfig) -> list[int | str]:
+    """The values `frozen_stages` may take as the trial records them: the tokens of a list, or the one
+    depth of a range LOW-LOW (a longer range: unknown here, as it depends on the backbone)."""
+    mode, tokens = parse_frozen_spec(config.frozen_stages)
+    if mode == "choice":
+        return tokens
+    return [int(tokens[0])] if tokens[0] == tokens[1] else []
+
+
+def probes_taken(study: optuna.Study, stages_of: dict[str, int],
+                 drawing: int | None = None) -> set[tuple[str, str, str]]:
+    """(backbone, features, C choice) of every probe finished, running or queued in `study`, but for
+    trial number `drawing`, whose parameters are still being drawn (its half-drawn probe is none)."""
     from optuna.trial import TrialState
 
     taken = set()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                           TrialState.RUNNING, TrialState.WAITING)):
+        if trial.number == drawing:
+            continue
         params = trial.params or trial.system_attrs.get("fixed_params", {})
         backbone = params.get("backbone")
         if backbone in stages_of and params.get("head") == "linear" and "frozen_stages" in params and \
                 resolved(params["frozen_stages"], stages_of[backbone]) >= stages_of[backbone]:
-            taken.add((backbone, params.get("features", "final")))
+            taken.add((backbone, params.get("features", "final"), params.get("probe_c", PROBE_C_CV)))
     return taken
 
 

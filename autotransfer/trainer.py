@@ -48,6 +48,7 @@ class EpochStats:
     lr: float
     seconds: float  # the whole epoch: training pass and validation
     train_seconds: float = 0.0  # the training pass alone, up to its one synchronisation at the epoch's end
+    probe_c: float | None = None  # a probe's one "epoch": the L2 strength its fit used
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class FitSettings:
     resume: TrainState | None = None  # continue after this checkpoint's epoch
     on_checkpoint: Callable[[TrainState], None] | None = None  # gets the state after every epoch
     probe: bool = False  # fully frozen linear head: fit it to convergence (probe.py), not for `epochs`
+    probe_c: float | None = None  # the probe's L2 strength; None: chosen by cross-validation on train
 
 
 def no_report(stats: EpochStats) -> None:
@@ -352,21 +354,24 @@ def train_on_features(model: nn.Module, train_features: torch.Tensor, train_labe
 
 
 def probe_on_features(model: nn.Module, train_features: torch.Tensor, train_labels: torch.Tensor,
-                      val_features: torch.Tensor, val_labels: torch.Tensor, *, seed: int, device: torch.device,
+                      val_features: torch.Tensor, val_labels: torch.Tensor, settings: FitSettings,
                       on_epoch: Callable[[EpochStats], None] = lambda stats: None) -> list[EpochStats]:
     """The fully frozen path with a linear head: the head is the converged logistic-regression probe of
-    `probe.fit_probe` (C by CV on train alone), one step instead of `epochs` passes of a sampled optimizer."""
-    from .probe import fit_probe
+    `probe.fit_probe` (at C `settings.probe_c`, or C by CV on train alone when that is None), one step
+    instead of `epochs` passes of a sampled optimizer; of the settings it reads only seed, device and
+    probe_c."""
+    from .probe import PROBE_CS, fit_probe
 
     start = time.perf_counter()
-    head = model.head
-    fitted = fit_probe(train_features.numpy(), train_labels.numpy(), head.out_features, seed)
+    head, device, c = model.head, settings.device, settings.probe_c
+    fitted = fit_probe(train_features.numpy(), train_labels.numpy(), head.out_features, settings.seed,
+                       PROBE_CS if c is None else (c,))
     fitted.load_into(head)
     head.to(device)
     with torch.no_grad():
         logits = head(to_device(train_features.float(), device))
         loss = float(nn.functional.cross_entropy(logits, to_device(train_labels, device)))
     accuracy = rows_accuracy(head, val_features.float(), val_labels, device)
-    stats = EpochStats(1, loss, accuracy, 0.0, time.perf_counter() - start, fitted.seconds)
+    stats = EpochStats(1, loss, accuracy, 0.0, time.perf_counter() - start, fitted.seconds, fitted.c)
     on_epoch(stats)
     return [stats]

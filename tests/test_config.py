@@ -75,10 +75,19 @@ def test_valid_configs(changes):
     (dict(frozen_stages="deep"), r"--frozen-stages: bad value 'deep'"),
     (dict(cache_views=0), r"--cache-views must be a positive integer, got 0"),
     (dict(cache_memory=0), r"--cache-memory must be a positive integer, got 0"),
+    (dict(probe_cs=["cv", "strong"]), r"--probe-c: 'strong' is neither 'cv' nor a positive number"),
+    (dict(probe_cs=["0"]), r"--probe-c: '0' is neither"),
+    (dict(probe_cs=["-0.1"]), r"--probe-c: '-0.1' is neither"),
+    (dict(probe_cs=["nan"]), r"--probe-c: 'nan' is neither"),
+    (dict(probe_cs=[]), r"--probe-c is empty"),
 ])
 def test_validate_errors_name_the_bad_value(changes, pattern):
     with pytest.raises(UserError, match=pattern):
         _config(**changes).validate()
+
+
+def test_probe_cs_are_written_one_way():
+    assert _config(probe_cs=["CV", "1e-2", "0.01", "1"]).validate().probe_cs == ["cv", "0.01", "1.0"]
 
 
 def test_weights_for_a_similar_but_different_name_is_rejected():

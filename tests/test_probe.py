@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from autotransfer.cli import main
-from autotransfer.config import SearchConfig
+from autotransfer.config import PROBE_CS, SearchConfig
 from autotransfer.probe import fit_probe
 from autotransfer.portfolio import FOLLOW_UP_ATTR, PORTFOLIO_ATTR, Opening
 from autotransfer.portfolio import recipes as portfolio
@@ -83,6 +83,18 @@ def test_a_fully_frozen_trial_is_never_worse_than_the_benchmark_probe(tmp_path):
     assert trial.value == pytest.approx(baseline.best_val_accuracy)
 
 
+def test_a_probe_trial_at_a_drawn_c_fits_at_that_c(tmp_path, capsys):
+    weights = weights_file(tmp_path)
+    out = tmp_path / "fixed-c"
+    assert main(["search", *TINY, "--weights", f"test_resnet={weights}", "--frozen-stages", "all", "--heads",
+                 "linear", "--features", "final", "--probe-c", "0.05", "--trials", "1", "--out", str(out)]) == 0
+    trial = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert trial.params["probe_c"] == "0.05" and trial.user_attrs["probe_c"] == 0.05
+    assert pd.read_csv(out / "leaderboard.csv")["probe_c"].tolist() == [0.05]
+    assert main(["search", *TINY, "--probe-c", "0.05,weak", "--out", str(tmp_path / "bad")]) == 2
+    assert "--probe-c: 'weak' is neither 'cv' nor a positive number" in capsys.readouterr().err
+
+
 def test_the_probe_trial_does_not_need_the_cache(tmp_path):
     weights = weights_file(tmp_path)
     out = tmp_path / "nocache"
@@ -124,8 +136,12 @@ def test_the_portfolio_stays_inside_the_configured_space():
     base = SearchConfig(dataset="d", backbones=["b"], trials=10).validate()
     recipes = portfolio(base, "b", 5, pretrained=True)
     assert list(recipes) == ["stage-probe", "probe", "fine-tune", "lp-ft"]  # the order they are queued in
-    assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "features": "final", "head": "linear"}
-    assert recipes["stage-probe"] == {"backbone": "b", "frozen_stages": 5, "features": "stages", "head": "linear"}
+    assert recipes["probe"] == {"backbone": "b", "frozen_stages": 5, "features": "final", "head": "linear",
+                                "probe_c": "cv"}  # C by CV on train: the opening asks nothing of val
+    assert recipes["stage-probe"] == {"backbone": "b", "frozen_stages": 5, "features": "stages", "head": "linear",
+                                      "probe_c": "cv"}
+    fixed_c = SearchConfig(dataset="d", backbones=["b"], probe_cs=["0.1", "1"], trials=10).validate()
+    assert portfolio(fixed_c, "b", 5, pretrained=True)["probe"]["probe_c"] == "0.1"  # the first allowed C
     final_only = SearchConfig(dataset="d", backbones=["b"], features=["final"], trials=10).validate()
     assert list(portfolio(final_only, "b", 5, pretrained=True)) == ["probe", "fine-tune", "lp-ft"]
     assert recipes["lp-ft"] == {"backbone": "b", "frozen_stages": 2, "head": "linear", "head_init": "probe",
@@ -262,7 +278,7 @@ def test_a_finished_probe_is_never_drawn_again(heads, spec):
                                                                                    multivariate=True, group=True)):
         study = _config_study(config, {"b": 3}, base)
         probe = {"backbone": "b", "frozen_stages": 3 if spec == "0-all" else "all", "features": "final",
-                 "head": "linear"}
+                 "head": "linear", "probe_c": "cv"}
         study.enqueue_trial(probe)
         drawn = []
         for _ in range(25):
@@ -270,9 +286,30 @@ def test_a_finished_probe_is_never_drawn_again(heads, spec):
             params = suggest(trial, config, lambda name: 3)
             drawn.append(params)
             study.tell(trial, 0.9 if params.probe else 0.5)  # the probes score best: TPE would chase them
-        probes = [p.features for p in drawn if p.probe]
-        assert drawn[0].probe and sorted(probes) == sorted(set(probes))  # each kind of probe at most once
-        assert set(probes) <= {"final", "stages"}
+        probes = [(p.features, p.probe_c) for p in drawn if p.probe]
+        assert drawn[0].probe and len(probes) == len(set(probes))  # each (features, C) probe at most once
+        assert len(probes) > 2  # more than one C per kind of features is drawn: the sampler chases the probes
+        assert {features for features, _ in probes} <= {"final", "stages"}
+        assert {c for _, c in probes} <= {None} | {float(c) for c in PROBE_CS[1:]}
+
+
+def test_with_only_probes_allowed_every_features_and_c_pair_is_drawn_once():
+    """frozen_stages and head pinned (never sampled): the guard must still see them, so a space of only
+    probes is walked without a repeat until it is exhausted."""
+    from autotransfer.space import suggest
+
+    config = SearchConfig(dataset="d", backbones=["b"], heads=["linear"], frozen_stages="all", trials=40).validate()
+    pairs = len(config.features) * len(config.probe_cs)
+    for base in (optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0, n_startup_trials=3,
+                                                                                   multivariate=True, group=True)):
+        study = _config_study(config, {"b": 3}, base)
+        drawn = []
+        for _ in range(pairs):
+            trial = study.ask()
+            params = suggest(trial, config, lambda name: 3)
+            drawn.append((params.features, params.probe_c))
+            study.tell(trial, 0.9 if params.probe_c == 0.1 else 0.5)  # TPE would chase C 0.1
+        assert len(set(drawn)) == pairs
 
 
 def test_median_pruning_compares_trials_that_started_alike():
