@@ -132,6 +132,7 @@ class WorkerLoop:
         self.stopped = False
         self.duplicates = 0  # in a row
         self.current: int | None = None  # the trial this worker runs, for Ctrl-C
+        self.stopping: KeyboardInterrupt | None = None  # a Ctrl-C or SIGTERM seen inside a trial
 
     def run(self) -> None:
         waiting_said = False
@@ -154,10 +155,14 @@ class WorkerLoop:
 
     def _one_trial(self) -> None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self.study.optimize(self._objective, n_trials=1, callbacks=[self._after_trial], catch=(Exception,),
-                                    gc_after_trial=False)
+            STOP_GATE.hold()  # until the objective runs (see _StopGate)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.study.optimize(self._objective, n_trials=1, callbacks=[self._after_trial],
+                                        catch=(Exception,), gc_after_trial=False)
+            finally:
+                STOP_GATE.release()  # a stop held while Optuna told the trial's end: taken now, between trials
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
             # Our heartbeats stalled past the grace period (a frozen or overloaded machine): another worker
             # failed the trial and re-queued it, so Optuna cannot record its end here. Drop the work, go on.
@@ -165,6 +170,8 @@ class WorkerLoop:
                 raise
             self.progress.say(f"trial {self.current} was taken over by another worker (this worker's heartbeats "
                               f"were late); dropping its work: {type(exc).__name__}")
+            if self.stopping is not None:  # stopped as well: whoever took the trial over re-queued it
+                raise self.stopping from None
         except KeyboardInterrupt:
             self._requeue_interrupted()
             raise
@@ -180,8 +187,13 @@ class WorkerLoop:
         if TrialRecord.of(trial).reason:  # inherited from the failed run this one retries
             write(trial, reason="")
         try:
-            return self.search.objective(self.study, trial, self.progress)
-        except KeyboardInterrupt:
+            STOP_GATE.release()  # a stop that came while Optuna created this trial is taken here, and recorded
+            try:
+                return self.search.objective(self.study, trial, self.progress)
+            finally:
+                STOP_GATE.hold()  # and one that comes while Optuna tells its end waits for that
+        except KeyboardInterrupt as stop:
+            self.stopping = stop  # kept: if the trial was taken over meanwhile, recording fails, the stop must not
             write(trial, reason=f"{INTERRUPTED}: stopped by the user; its checkpoint is kept for the re-run")
             raise
 
@@ -267,12 +279,39 @@ def exit_status(stop: KeyboardInterrupt) -> int:
     return 128 + int(getattr(stop, "signum", signal.SIGINT))
 
 
+class _StopGate:
+    """Where a SIGTERM may raise. Around a trial, Optuna creates it (RUNNING, nothing recorded yet) and
+    later tells its end; a stop raised in there leaves a RUNNING trial that nobody records or re-queues.
+    So while a trial is in Optuna's hands the stop is held, and raised as the objective starts (where
+    it is recorded as interrupted) or once the trial is told."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        """Stop holding; raise the stop that came meanwhile, if any."""
+        self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Stopped(signum)
+
+
+STOP_GATE = _StopGate()
+
+
 def stop_on_sigterm() -> Callable[[], None]:
-    """SIGTERM stops like Ctrl-C (raises `Stopped`), once: later ones are ignored, so a repeated signal
-    cannot cut short the recording of the interrupted trial (a parent-death signal can arrive once per
-    thread). Returns a function restoring the previous handler."""
+    """SIGTERM stops like Ctrl-C (raises `Stopped`; held while Optuna books a trial, `_StopGate`), once:
+    later ones are ignored, so a repeated signal cannot cut short the recording of the interrupted trial
+    (a parent-death signal can arrive once per thread). Returns a function restoring the previous handler."""
     def interrupt(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if STOP_GATE.holding:
+            STOP_GATE.pending = signum
+            return
         raise Stopped(signum)
 
     try:

@@ -388,7 +388,9 @@ def test_stopping_search_with_workers_interrupts_and_requeues_every_running_tria
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     tiny = [a for a in TINY if a != "--quiet"] + (["--quiet"] if stop == "parent-killed" else [])
     args = ["search", *tiny, "--epochs", "4", "--trials", "3", "--pruner", "none", "--out", str(out),
-            "--workers", "2", "--heartbeat", "1", "--plugin", str(SLOW_PLUGIN)]
+            "--workers", "2", "--heartbeat", "5", "--plugin", str(SLOW_PLUGIN)]
+    # heartbeat 5 s: the frozen worker must not look dead (3 missed beats) to the other one while the test
+    # holds it stopped; on a loaded machine that took over 3 s once, and the other worker took its trial over
     process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, frozen = wait_for(lambda: out.joinpath("run.json").exists()
