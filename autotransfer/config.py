@@ -21,7 +21,7 @@ HEAD_INITS = ("random", "probe")  # a linear head on trainable stages starts at 
 FEATURES = ("final", "stages")  # what a fully frozen trial's head reads: the last stage, or every stage (multilevel.py)
 PROBE_C_CV = "cv"  # a probe's L2 strength chosen by cross-validation on train (probe.py), the opening's and the baseline's
 PROBE_CS = (PROBE_C_CV, "0.001", "0.003", "0.01", "0.03", "0.1", "0.3", "1.0")  # --probe-c: CV, or a fixed C to try
-CPU_IMAGE_SIZE_CAP = 160
+CPU_IMAGE_SIZE_CAP = 224  # ImageNet's size: keeps 288-384 px models affordable on CPU (benchmarks/image_size.py)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048  # --image-size bounds; backbones may need more (checked in Search.prepare)
 CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
 

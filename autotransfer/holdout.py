@@ -92,7 +92,8 @@ def selection_summary(study: optuna.Study, frame, *, has_test: bool, best_dir: P
     if int(best["trial"]) != int(complete.iloc[0]["trial"]):
         top = complete.iloc[0]
         chosen += (f"\n  trial {int(top['trial'])}'s val_accuracy {float(top['val_accuracy']):.4f} is within the "
-                   "standard error of this val set, so the earlier, cheaper trial stays chosen")
+                   "standard error of this val set and it trains more parameters, so the smaller trial stays chosen "
+                   "(selection.py)")
     if not has_test:
         return (chosen + "\nno test split: for an accuracy no choice saw, add test/ beside train/ "
                 "(or CSV split=test, or --val-as-test)")

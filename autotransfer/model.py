@@ -81,6 +81,7 @@ class ModelCard:
     test_accuracy: float | None = None  # on the test split, scored once after the choice; None without one
     test_images: int | None = None
     features: str = "final"  # what the head reads: the final pooled features, or every stage's (multilevel.py)
+    trainable_params: int | None = None  # what the trial trained: its size to selection.py
 
     @property
     def num_classes(self) -> int:

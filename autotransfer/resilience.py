@@ -132,8 +132,7 @@ def release_memory(device: torch.device) -> None:
 
 def publish_best(study: optuna.Study, model: nn.Module, card: ModelCard, folder: Path,
                  history: Path | None = None) -> bool:
-    """Compare with what best/ holds and replace it only when the new trial is better by the margin
-    of `selection.replaces`, under a file lock, so two workers finishing together cannot leave the
+    """Compare with what best/ holds and replace it only when `selection.replaces` says so, under a file lock, so two workers finishing together cannot leave the
     worse model there. Exact ties go to the lower trial number. With `history`, every model that was best/ is also kept as
     `history/trial-<n>` (the benchmark scores each later, for its anytime curve)."""
     folder = Path(folder)
@@ -162,7 +161,8 @@ def best_lock(folder: Path) -> Iterator[None]:
 
 def _beats(study: optuna.Study, card: ModelCard, current: dict[str, Any]) -> bool:
     if current.get("val_accuracy") is None or card.val_accuracy != current["val_accuracy"]:
-        return replaces(card.val_accuracy, current.get("val_accuracy"), card.val_images)
+        return replaces(card.val_accuracy, current.get("val_accuracy"), card.val_images, card.trainable_params,
+                        current.get("trainable_params"))
     if current.get("trial") is None or card.trial < current["trial"]:
         return True
     # An equal, earlier trial keeps its place unless it died before it was recorded (this may be its retry).

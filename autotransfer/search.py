@@ -138,7 +138,7 @@ def resolve_device(name: str) -> torch.device:
 
 def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.device, native_size: int) -> TrialInputs:
     """Crop size: --image-size, else the backbone's pretrained size, capped on CPU and at 4x the
-    images' own size (an 8 px digit gains nothing from 160 px); fixed-size models keep theirs."""
+    images' own size (an 8 px digit gains nothing from 224 px); fixed-size models keep theirs."""
     pre = info.preprocessing
     if info.fixed_input_size:
         size = pre.input_size
@@ -501,7 +501,7 @@ class Search:
                 head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                 image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                 mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, val_images=len(self.data.val),
-                trial=trial.number, features=params.features)
+                trial=trial.number, features=params.features, trainable_params=trainable)
             publish_best(study, model, card, self.out / BEST_DIR,
                          self.out / BEST_HISTORY_DIR if self.options.best_history else None)
             state = "COMPLETE"
@@ -562,8 +562,11 @@ class Search:
         complete = frame[frame["state"] == "COMPLETE"]
         if (self.out / BEST_DIR / CONFIG_FILE).is_file() and len(complete):  # rank 1 may differ only within the margin
             card = read_card(self.out / BEST_DIR)
-            best_number, best_value = int(complete["trial"].iloc[0]), float(complete["val_accuracy"].iloc[0])
-            if card.val_accuracy is not None and replaces(best_value, card.val_accuracy, card.val_images):
+            top = complete.iloc[0]
+            best_number, best_value, size = int(top["trial"]), float(top["val_accuracy"]), top["trainable_params"]
+            size = None if size is None or size != size else int(size)  # NaN: not recorded
+            if card.val_accuracy is not None and replaces(best_value, card.val_accuracy, card.val_images, size,
+                                                          card.trainable_params):
                 log.warning("best/ holds trial %s but trial %s beats it by more than the selection margin "
                             "(selection.py); was best/ written by another study?", card.trial, best_number)
 

@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(SHARED / "datasets" / "hymenoptera"))
     parser.add_argument("--cases", default=DEFAULT_CASES, help="backbone:frozen_stages pairs for the step table")
     parser.add_argument("--cache-cases", default=DEFAULT_CACHE_CASES, help="pairs for the cache table")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the search's own (160 px on CPU)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the search's own (at most 224 px on CPU); the committed CPU results are at 160")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--trials", type=int, default=12)

@@ -355,3 +355,23 @@ def test_default_study_name_is_readable(dataset, name):
     from autotransfer.search import default_study_name
 
     assert default_study_name(dataset) == name
+
+
+def test_default_crop_is_the_pretrained_size_capped_on_cpu_and_at_four_times_the_images():
+    import torch
+
+    from autotransfer.backbones import BackboneInfo
+    from autotransfer.preprocessing import Preprocessing
+    from autotransfer.search import trial_inputs
+
+    def info(size: int, fixed: bool = False) -> BackboneInfo:
+        return BackboneInfo("net", 5, 64, Preprocessing(size, (0.5,) * 3, (0.25,) * 3, 0.875), fixed)
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert trial_inputs(info(224), None, cpu, 500).image_size == 224  # ImageNet's size is kept on CPU
+    assert trial_inputs(info(384), None, cpu, 500).image_size == 224  # larger pretrained sizes are capped there
+    assert trial_inputs(info(384), None, gpu, 500).image_size == 384  # not on a GPU
+    assert trial_inputs(info(224), None, cpu, 8).image_size == 32  # 8 px digits: 4x their size
+    assert trial_inputs(info(224), 96, cpu, 500).image_size == 96  # --image-size wins
+    assert trial_inputs(info(384, fixed=True), 96, cpu, 500).image_size == 384  # a fixed-size model keeps its own
+    assert trial_inputs(info(224), None, cpu, 500).resize_size == 256  # 224 / crop_pct

@@ -120,7 +120,8 @@ def _study_result(study: optuna.Study, started: datetime, wall: float, chosen: i
         wall_s=wall, trials_complete=count[states.COMPLETE], trials_pruned=count[states.PRUNED],
         trials_failed=count[states.FAIL], best_config={} if best is None else trial_config(best),
         curve=best_so_far([(max(0.0, (t.datetime_complete - started).total_seconds()), float(t.value), t.number)
-                           for t in finished], val_images))
+                           for t in finished], val_images,
+                          {t.number: TrialRecord.of(t).trainable_params for t in finished}))
 
 
 def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -> MethodResult:
@@ -145,11 +146,13 @@ def _scored_on_test(result: MethodResult, study: optuna.Study, search: Search) -
     return result
 
 
-def best_so_far(points: list[tuple], val_images: int | None = None) -> list[tuple]:
-    """The anytime curve: the (time, accuracy, ...) points that replaced the chosen one
-    (`selection.chosen_over_time`; without a val size, every gain), times rounded to the millisecond;
-    anything after the accuracy (the trial, its test score) rides along."""
-    return [(round(point[0], 3), *point[1:]) for point in chosen_over_time(points, val_images)]
+def best_so_far(points: list[tuple], val_images: int | None = None,
+                sizes: dict[int, int | None] | None = None) -> list[tuple]:
+    """The anytime curve: the (time, accuracy, trial, ...) points that replaced the chosen one
+    (`selection.chosen_over_time`, `sizes` the trials' trainable parameter counts; without a val size,
+    every gain), times rounded to the millisecond; anything after the accuracy rides along."""
+    chosen = chosen_over_time(points, val_images, (lambda point: sizes.get(point[2])) if sizes else (lambda point: None))
+    return [(round(point[0], 3), *point[1:]) for point in chosen]
 
 
 def trial_config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
