@@ -24,129 +24,77 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _search_parser(sub) -> None:
-    from . import config as c
+def _shared() -> dict[str, argparse.ArgumentParser]:
+    """The options several commands take, each declared once (argparse parents)."""
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress display")
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", default=[], help="plugin module or file.py to load (repeatable)")
+    from .storage import DEFAULT_HEARTBEAT_S
 
-    p = sub.add_parser("search", help="search transfer configurations on a dataset", argument_default=argparse.SUPPRESS)
-    p.add_argument("--dataset", help="image folder, CSV manifest (path,label[,split]) or builtin:digits")
-    p.add_argument("--backbones", type=c.parse_list, help=f"comma list of timm/plugin backbones (default {','.join(c.DEFAULT_BACKBONES)})")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init (marked on the leaderboard)")
-    p.add_argument("--weights", action="append", metavar="NAME=PATH", help="weights for one backbone: a .safetensors/.pth file, a pretrain checkpoint folder, "
-                   "or 'random' for random init (repeatable)")
-    p.add_argument("--frozen-stages", help="range LOW-HIGH or list, 'all' = whole backbone (default 0-all)")
-    p.add_argument("--heads", type=c.parse_list, help="comma list of linear,mlp")
-    p.add_argument("--head-hidden", type=lambda t: [int(v) for v in c.parse_list(t)], help="comma list of mlp widths (default 128,256,512)")
-    p.add_argument("--head-dropout", help="LOW:HIGH or a value (default 0:0.5)")
-    p.add_argument("--lr", help="LOW:HIGH log-uniform, or a value (default 1e-5:1e-1)")
-    p.add_argument("--optimizers", type=c.parse_list, help=f"comma list of {','.join(c.OPTIMIZERS)} (default adam,rmsprop)")
-    p.add_argument("--head-init", dest="head_inits", type=c.parse_list,
-                   help=f"comma list of {','.join(c.HEAD_INITS)}: how a linear head on trainable stages starts; "
-                        "probe = the converged logistic-regression probe of the frozen backbone (LP-FT) "
-                        f"(default {','.join(c.HEAD_INITS)})")
-    p.add_argument("--features", type=c.parse_list,
-                   help=f"comma list of {','.join(c.FEATURES)}: what the head of a fully frozen trial reads; "
-                        "stages = the pooled output of every stage beside the final features (Head2Toe-style) "
-                        f"(default {','.join(c.FEATURES)})")
-    p.add_argument("--probe-c", dest="probe_cs", type=c.parse_list,
-                   help=f"comma list of the L2 strengths C a fully frozen trial's probe may use: {c.PROBE_C_CV} = chosen "
-                        "by cross-validation on train (the opening's probes and the benchmark's linear probe), a "
-                        f"number = that C, so the sampler can try it on the cached features (default {','.join(c.PROBE_CS)})")
-    p.add_argument("--portfolio", action=argparse.BooleanOptionalAction,
-                   help="open a new study with the recipes known to work: the linear probes (final and stage "
-                        "features) of every pretrained backbone, then a full fine-tune and LP-FT of the best-probed one; the sampler takes over "
-                        "after them (default on)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default 5)")
-    p.add_argument("--batch-size", type=int, help="default 32")
-    p.add_argument("--image-size", type=int, help=f"crop size (default: the backbone's, at most {c.CPU_IMAGE_SIZE_CAP} on CPU)")
-    p.add_argument("--val-fraction", type=float, help="validation share when the data has no split (default 0.2)")
-    p.add_argument("--val-as-test", action="store_true", help="hold the dataset's val split out as the test split "
-                   "and carve val from train (for data that ships only train/ and val/)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--pruner", choices=c.PRUNERS, help="default median")
-    p.add_argument("--trials", type=int, help="finished trials wanted in the study (default 20)")
-    p.add_argument("--timeout", type=float, help="search seconds, counted over all runs of the study")
-    p.add_argument("--prerank", metavar="SCORER", help="score the backbones first (e.g. logme) and search only the best")
-    p.add_argument("--top-k", type=int, help="backbones kept by --prerank (default half, rounded up)")
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction,
-                   help="train frozen stages from caches: pooled features when the whole backbone is frozen, "
-                        "boundary activations of --cache-views augmented views when part of it is "
-                        "(default on; --no-cache runs every trial's whole model every epoch)")
-    p.add_argument("--cache-views", type=int, help="augmented views per image cached at the freeze boundary (default 2)")
-    p.add_argument("--cache-memory", metavar="SIZE", help="memory for the boundary cache, e.g. 2GB or 512MiB; a trial "
-                   "that needs more trains the plain way (default: 2 GiB or a quarter of RAM, whichever is less)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the trained module (default off)")
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite file in --out)")
-    p.add_argument("--study", help="study name (default derived from the dataset)")
-    p.add_argument("--out", help="output folder (default runs/<study>)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--plugin", action="append", help="plugin module or file.py to load (repeatable)")
-    p.add_argument("--workers", type=int, help="run N local worker processes on the study (see docs/distributed.md)")
-    p.add_argument("--gpus", help="GPU indices for the workers, one worker per GPU (default all visible)")
-    p.add_argument("--trials-per-gpu", type=int, help="workers sharing each GPU, for small models (default 1)")
-    p.add_argument("--create-only", action="store_true", help="create the study and exit; start `autotransfer worker`s on it")
-    _heartbeat_argument(p)
+    heartbeat = argparse.ArgumentParser(add_help=False)
+    heartbeat.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a trial silent for "
+                           f"3x this is failed and retried by another worker (default {DEFAULT_HEARTBEAT_S})")
+    return {"device": device, "quiet": quiet, "plugin": plugin, "heartbeat": heartbeat}
 
 
-def _heartbeat_argument(p) -> None:
-    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a trial silent for 3x this "
-                   "is failed and retried by another worker (default 30)")
+def _search_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
+    from .config import SearchConfig
+    from .flags import add_flags
+
+    p = sub.add_parser("search", help="search transfer configurations on a dataset",
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat")])
+    add_flags(p, SearchConfig)  # every flag that sets the search's configuration (config.SearchConfig)
+    p.add_argument("--storage", default=argparse.SUPPRESS, help="Optuna storage URL (default sqlite file in --out)")
+    p.add_argument("--study", default=argparse.SUPPRESS, help="study name (default derived from the dataset)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="output folder (default runs/<study>)")
+    p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
+                   help="run N local worker processes on the study (see docs/distributed.md)")
+    p.add_argument("--gpus", default=argparse.SUPPRESS, help="GPU indices for the workers, one worker per GPU "
+                   "(default all visible)")
+    p.add_argument("--trials-per-gpu", type=int, default=argparse.SUPPRESS,
+                   help="workers sharing each GPU, for small models (default 1)")
+    p.add_argument("--create-only", action="store_true", help="create the study and exit; start `autotransfer "
+                   "worker`s on it")
 
 
-def _worker_parser(sub) -> None:
-    p = sub.add_parser("worker", help="join a study in a shared storage and run its trials (any number of machines)")
+def _worker_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("worker", help="join a study in a shared storage and run its trials (any number of machines)",
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat")])
     p.add_argument("--storage", required=True, help="the study's storage URL, e.g. postgresql+psycopg2://USER:PW@HOST/DB")
     p.add_argument("--study", required=True, help="study name, created by `autotransfer search`")
     p.add_argument("--out", help="output folder: tensorboard, checkpoints, best/ (default runs/<study>; "
                    "shared between machines so a retried trial finds its checkpoint)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for this worker (default: torch's)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--plugin", action="append", default=[])
-    _heartbeat_argument(p)
 
 
-def _pretrain_parser(sub) -> None:
-    from . import config as c
+def _pretrain_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
+    from .flags import add_flags
+    from .pretrain import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="train a backbone on a source dataset; write a checkpoint a search can use")
-    p.add_argument("--dataset", required=True, help="source dataset (same forms as search)")
-    p.add_argument("--backbone", required=True, help="timm or plugin backbone name")
-    p.add_argument("--out", required=True, help="new checkpoint folder; use it as --backbones DIR or --weights NAME=DIR")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="start from random init instead of the backbone's pretrained weights")
-    p.add_argument("--weights", metavar="PATH", help="start from this state dict or checkpoint folder")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", help=f"one of {','.join(c.OPTIMIZERS)} (default adam)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, help="crop size (default as in search)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held out to report source accuracy (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--plugin", action="append", default=[])
+    p = sub.add_parser("pretrain", help="train a backbone on a source dataset; write a checkpoint a search can use",
+                       parents=[shared[name] for name in ("device", "quiet", "plugin")])
+    add_flags(p, PretrainConfig, required=("dataset", "backbone", "out"))
 
 
-def _rank_parser(sub) -> None:
-    from . import config as c
+RANK_FLAGS = ("dataset", "backbones", "pretrained", "weights", "image_size", "val_fraction", "val_as_test", "seed")
 
-    p = sub.add_parser("rank", help="rank backbones by transferability scores from one forward pass each")
-    p.add_argument("--dataset", required=True, help="target dataset (same forms as search)")
-    p.add_argument("--backbones", type=c.parse_list, default=list(c.DEFAULT_BACKBONES))
-    p.add_argument("--scorers", type=c.parse_list, help="comma list (default: every registered scorer)")
+
+def _rank_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
+    from .config import SearchConfig
+    from .flags import add_flags
+
+    p = sub.add_parser("rank", help="rank backbones by transferability scores from one forward pass each",
+                       parents=[shared[name] for name in ("device", "quiet", "plugin")])
+    add_flags(p, SearchConfig, RANK_FLAGS, required=("dataset",))  # as in search
+    from .config import parse_list
+
+    p.add_argument("--scorers", type=parse_list, help="comma list (default: every registered scorer)")
     p.add_argument("--by", help="order by this scorer (default logme when scored, else the first of --scorers)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
-    p.add_argument("--weights", action="append", metavar="NAME=PATH|random", default=[])
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out as in search; scores use the rest")
-    p.add_argument("--val-as-test", action="store_true", help="as in search: val is held out, val carved from train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for rank.csv/rank.md and the feature cache (default runs/<dataset>-rank)")
     p.add_argument("--format", choices=("md", "csv"), default="md")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--plugin", action="append", default=[])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,42 +103,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _search_parser(sub)
-    _worker_parser(sub)
-    p = sub.add_parser("leaderboard", help="rebuild the leaderboard from the storage (also while a search runs)")
+    shared = _shared()
+    _search_parser(sub, shared)
+    _worker_parser(sub, shared)
+    p = sub.add_parser("leaderboard", help="rebuild the leaderboard from the storage (also while a search runs)",
+                       parents=[shared["device"], shared["plugin"]])
     p.add_argument("run_dir", nargs="?", help="a search's --out folder (its best/ model is scored on the test split "
                    "when the dataset has one and no score is stored yet)")
     p.add_argument("--storage")
     p.add_argument("--study")
     p.add_argument("--format", choices=("md", "csv"), default="md")
-    p.add_argument("--device", default="auto", help="for scoring best/ on the test split (default auto)")
-    p.add_argument("--plugin", action="append", default=[], help="plugin module or file.py to load (repeatable)")
-    p = sub.add_parser("predict", help="label images with a saved model")
+    p = sub.add_parser("predict", help="label images with a saved model", parents=[shared["device"], shared["plugin"]])
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--model", required=True, help="a saved model folder, e.g. runs/<study>/best")
     p.add_argument("--output", help="write path,label,confidence to this CSV instead of stdout")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--plugin", action="append", default=[])
-    _pretrain_parser(sub)
-    _rank_parser(sub)
-    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
-    p.add_argument("--plugin", action="append", default=[])
-    _bench_parser(sub)
+    _pretrain_parser(sub, shared)
+    _rank_parser(sub, shared)
+    sub.add_parser("plugins", help="list loaded plugins and what they register", parents=[shared["plugin"]])
+    _bench_parser(sub, shared)
     return parser
 
 
-def _bench_parser(sub) -> None:
+def _bench_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmark suites: run methods nightly into a store, report leaderboards")
     actions = p.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
-    r = actions.add_parser("run", help="run a suite file; append one row per (dataset, method, seed) to the store")
+    r = actions.add_parser("run", help="run a suite file; append one row per (dataset, method, seed) to the store",
+                           parents=[shared["device"], shared["quiet"]])
     r.add_argument("suite", help="suite file (TOML), e.g. benchmarks/suites/smoke.toml")
     r.add_argument("--results", default="benchmarks/results", help="store folder: <suite name>.csv (default %(default)s)")
     r.add_argument("--work", default="runs/bench", help="scratch folder for studies and caches (default %(default)s)")
     r.add_argument("--only-dataset", help="run only this dataset of the suite (as written in the file)")
     r.add_argument("--run-id", help="rows already stored under this id are skipped (default <night>_<suite>)")
     r.add_argument("--night", help="date YYYY-MM-DD to record (default today, UTC), for tests and backfills")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--quiet", action="store_true")
     r = actions.add_parser("report", help="HTML + Markdown leaderboards, history and regression flags")
     r.add_argument("--results", default="benchmarks/results", help="store folder (default %(default)s)")
     r.add_argument("--suite", help="only this suite (default: every suite store in --results)")
@@ -202,22 +146,11 @@ def _bench_parser(sub) -> None:
 def _search(args: argparse.Namespace) -> int:
     from . import config as c
     from . import leaderboard
+    from .flags import given as given_flags
     from .search import RunOptions, Search, default_storage, default_study_name, merge_config, stored_config
 
     given = vars(args)
-    explicit = {k: given[k] for k in ("dataset", "backbones", "pretrained", "frozen_stages", "heads", "head_hidden",
-                                      "optimizers", "head_inits", "features", "probe_cs", "portfolio", "epochs", "batch_size", "image_size", "val_fraction", "val_as_test",
-                                      "seed",
-                                      "pruner", "trials", "timeout", "prerank", "top_k", "cache", "cache_views",
-                                      "compile") if k in given}
-    if "weights" in given:
-        explicit["weights"] = c.parse_weights(given["weights"])
-    if "lr" in given:
-        explicit["lr"] = c.parse_range("--lr", given["lr"])
-    if "head_dropout" in given:
-        explicit["head_dropout"] = c.parse_range("--head-dropout", given["head_dropout"])
-    if "cache_memory" in given:
-        explicit["cache_memory"] = c.parse_size("--cache-memory", given["cache_memory"])
+    explicit = given_flags(c.SearchConfig, given)  # the configuration flags typed, converted (flags.py)
     if "dataset" not in explicit and not ("storage" in given and "study" in given):
         raise UserError("give --dataset PATH (or --storage URL --study NAME to resume a study)")
     study_name = given.get("study") or default_study_name(explicit["dataset"])
@@ -233,7 +166,7 @@ def _search(args: argparse.Namespace) -> int:
     if given.get("create_only"):
         launch = lambda study: None  # noqa: E731 - the workers run the trials
     elif local is not None:
-        launch = local.bind(search, options)
+        launch = local.bind(options)
     from .worker import exit_status, stop_on_sigterm
 
     restore = stop_on_sigterm()
@@ -374,7 +307,8 @@ def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
     from .config import CONFIG_ATTR, SearchConfig
     from .holdout import saved_trial, score_best, stored_score
     from .plugins import registries
-    from .search import BEST_DIR, load_source, resolve_device
+    from .prepared import load_source, resolve_device
+    from .search import BEST_DIR
 
     best = run_dir / BEST_DIR
     trial = saved_trial(best)
@@ -395,7 +329,7 @@ def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from .plugins import registries
     from .predict import predict
-    from .search import resolve_device
+    from .prepared import resolve_device
 
     frame = predict(Path(args.model), args.inputs, registries(tuple(args.plugin)), resolve_device(args.device))
     # File names that are not valid UTF-8 reach Python as surrogate escapes: write their original bytes back.
@@ -415,22 +349,20 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from . import config as c
+    from .flags import given
+    from .plugins import registries
+    from .prepared import prepare_search, resolve_device
     from .rank import default_by, default_scorers, not_applicable_notes, rank_frame, score_backbones, to_markdown
-    from .search import RunOptions, Search, default_study_name
+    from .search import default_study_name
 
-    config = c.SearchConfig(dataset=args.dataset, backbones=args.backbones, pretrained=args.pretrained,
-                            weights=c.parse_weights(args.weights), image_size=args.image_size,
-                            val_fraction=args.val_fraction, val_as_test=args.val_as_test,
-                            seed=args.seed).validate()
+    config = c.SearchConfig(**given(c.SearchConfig, vars(args), RANK_FLAGS)).validate()
     out = Path(args.out or Path("runs") / f"{default_study_name(args.dataset)}-rank")
-    search = Search(config, RunOptions(out=out, storage="", study_name="", device=args.device, quiet=args.quiet,
-                                       plugins=tuple(args.plugin)))
-    names = args.scorers or default_scorers(search.registries)
+    found = registries(tuple(args.plugin))
+    names = args.scorers or default_scorers(found)
     by = args.by or default_by(names)
     if by not in names:
         raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
-    search.prepare()
-    results = score_backbones(search, names)
+    results = score_backbones(prepare_search(config, found, resolve_device(args.device), out), names)
     frame = rank_frame(results, names, by)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "rank.csv", index=False)
@@ -445,12 +377,10 @@ def _rank(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from .checkpoints import path_name
+    from .flags import given
     from .pretrain import PretrainConfig, pretrain
 
-    config = PretrainConfig(dataset=args.dataset, backbone=args.backbone, out=Path(args.out), pretrained=args.pretrained,
-                            weights=args.weights, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                            batch_size=args.batch_size, image_size=args.image_size, val_fraction=args.val_fraction,
-                            seed=args.seed, device=args.device)
+    config = PretrainConfig(**given(PretrainConfig, vars(args)), device=args.device)
     manifest = pretrain(config, tuple(args.plugin), quiet=args.quiet)
     accuracy = "n/a" if manifest.val_accuracy is None else f"{manifest.val_accuracy:.4f}"
     print(f"wrote checkpoint {args.out}: {manifest.architecture} trained on {manifest.source_dataset} "

@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .record import CONFIG_KEY
 from .errors import UserError
+from .flags import flag
+from .record import CONFIG_KEY
 
 DEFAULT_BACKBONES = ("resnet18.a1_in1k", "efficientnet_b0.ra_in1k", "mobilenetv3_large_100.ra_in1k")
 HEADS = ("linear", "mlp")
@@ -30,39 +31,95 @@ CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
 RUN_FIELDS = frozenset({"trials", "timeout", "cache_memory", "compile"})
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(value) for value in parse_list(text)]
+
+
+def _range(name: str, text: str) -> tuple[float, float]:
+    return parse_range(name, text)
+
+
+def _weights(name: str, items: list[str]) -> dict[str, str]:
+    return parse_weights(items)
+
+
+def _size(name: str, text: str) -> int:
+    return parse_size(name, text)
+
+
 @dataclass
 class SearchConfig:
-    """Everything that defines a search; the run-only knobs (device, output, quiet) live elsewhere."""
+    """Everything that defines a search; the run-only knobs (device, output, quiet) live elsewhere.
+    Each field that a flag sets declares it here (flags.py): the parser and its help are made from them."""
 
-    dataset: str
-    backbones: list[str] = field(default_factory=lambda: list(DEFAULT_BACKBONES))
-    pretrained: bool = True
-    weights: dict[str, str] = field(default_factory=dict)
-    frozen_stages: str = "0-all"
-    heads: list[str] = field(default_factory=lambda: list(HEADS))
-    head_hidden: list[int] = field(default_factory=lambda: list(HEAD_HIDDEN))
-    head_dropout: tuple[float, float] = (0.0, 0.5)
-    lr: tuple[float, float] = (1e-5, 1e-1)
-    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
-    head_inits: list[str] = field(default_factory=lambda: list(HEAD_INITS))
-    features: list[str] = field(default_factory=lambda: list(FEATURES))
-    probe_cs: list[str] = field(default_factory=lambda: list(PROBE_CS))  # a probe's C: "cv", or fixed values
-    portfolio: bool = True  # a new study opens with the probe, LP-FT and fine-tune of each backbone
-    epochs: int = 5
-    batch_size: int = 32
-    image_size: int | None = None
-    val_fraction: float = 0.2
-    val_as_test: bool = False  # the dataset's val split is held out as test; val is carved from train
-    seed: int = 0
-    pruner: str = "median"
-    trials: int | None = 20
-    timeout: float | None = None
-    prerank: str | None = None  # scorer that ranks the backbones before any training
-    top_k: int | None = None  # how many of the best-scored backbones the search keeps
-    cache: bool = True  # frozen stages from caches: pooled features, or boundary activations per view
-    cache_views: int = 2  # augmented views per image cached at the freeze boundary
-    cache_memory: int | None = None  # byte budget of the boundary cache; None: min(2 GiB, RAM / 4)
-    compile: bool = False  # torch.compile the trained module
+    dataset: str = field(metadata=flag(
+        "--dataset", "image folder, CSV manifest (path,label[,split]) or builtin:digits"))
+    backbones: list[str] = field(default_factory=lambda: list(DEFAULT_BACKBONES), metadata=flag(
+        "--backbones", "comma list of timm/plugin backbones", type=lambda text: parse_list(text)))
+    pretrained: bool = field(default=True, metadata=flag(
+        "--no-pretrained", "random init (marked on the leaderboard)", action="negate"))
+    weights: dict[str, str] = field(default_factory=dict, metadata=flag(
+        "--weights", "weights for one backbone: a .safetensors/.pth file, a pretrain checkpoint folder, or "
+        "'random' for random init (repeatable)", action="append", metavar="NAME=PATH", convert=_weights))
+    frozen_stages: str = field(default="0-all", metadata=flag(
+        "--frozen-stages", "range LOW-HIGH or list, 'all' = whole backbone"))
+    heads: list[str] = field(default_factory=lambda: list(HEADS), metadata=flag(
+        "--heads", f"comma list of {','.join(HEADS)}", type=lambda text: parse_list(text)))
+    head_hidden: list[int] = field(default_factory=lambda: list(HEAD_HIDDEN), metadata=flag(
+        "--head-hidden", "comma list of mlp widths", type=_int_list))
+    head_dropout: tuple[float, float] = field(default=(0.0, 0.5), metadata=flag(
+        "--head-dropout", "LOW:HIGH or a value", convert=_range))
+    lr: tuple[float, float] = field(default=(1e-5, 1e-1), metadata=flag(
+        "--lr", "LOW:HIGH log-uniform, or a value", convert=_range))
+    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata=flag(
+        "--optimizers", f"comma list of {','.join(OPTIMIZERS)}", type=lambda text: parse_list(text)))
+    head_inits: list[str] = field(default_factory=lambda: list(HEAD_INITS), metadata=flag(
+        "--head-init", f"comma list of {','.join(HEAD_INITS)}: how a linear head on trainable stages starts; "
+        "probe = the converged logistic-regression probe of the frozen backbone (LP-FT)",
+        type=lambda text: parse_list(text)))
+    features: list[str] = field(default_factory=lambda: list(FEATURES), metadata=flag(
+        "--features", f"comma list of {','.join(FEATURES)}: what the head of a fully frozen trial reads; "
+        "stages = the pooled output of every stage beside the final features (Head2Toe-style)",
+        type=lambda text: parse_list(text)))
+    probe_cs: list[str] = field(default_factory=lambda: list(PROBE_CS), metadata=flag(  # "cv", or fixed values
+        "--probe-c", f"comma list of the L2 strengths C a fully frozen trial's probe may use: {PROBE_C_CV} = chosen "
+        "by cross-validation on train (the opening's probes and the benchmark's linear probe), a number = that "
+        "C, so the sampler can try it on the cached features", type=lambda text: parse_list(text)))
+    portfolio: bool = field(default=True, metadata=flag(  # a new study opens with the recipes known to work
+        "--portfolio", "open a new study with the recipes known to work: the linear probes (final and stage "
+        "features) of every pretrained backbone, then a full fine-tune and LP-FT of the best-probed one; the "
+        "sampler takes over after them", action="toggle"))
+    epochs: int = field(default=5, metadata=flag("--epochs", "epochs per trial", type=int))
+    batch_size: int = field(default=32, metadata=flag("--batch-size", "images per step", type=int))
+    image_size: int | None = field(default=None, metadata=flag(
+        "--image-size", "crop size", type=int,
+        default_text=f"the backbone's pretrained size, at most {CPU_IMAGE_SIZE_CAP} on CPU"))
+    val_fraction: float = field(default=0.2, metadata=flag(
+        "--val-fraction", "validation share when the data has no split", type=float))
+    val_as_test: bool = field(default=False, metadata=flag(  # the dataset's val split is held out as test
+        "--val-as-test", "hold the dataset's val split out as the test split and carve val from train (for "
+        "data that ships only train/ and val/)", action="switch"))
+    seed: int = field(default=0, metadata=flag("--seed", "seeds the split, the sampler and every trial", type=int))
+    pruner: str = field(default="median", metadata=flag("--pruner", "how trials are pruned", choices=PRUNERS))
+    trials: int | None = field(default=20, metadata=flag(
+        "--trials", "finished trials wanted in the study", type=int))
+    timeout: float | None = field(default=None, metadata=flag(
+        "--timeout", "search seconds, counted over all runs of the study", type=float))
+    prerank: str | None = field(default=None, metadata=flag(  # scorer that ranks the backbones before training
+        "--prerank", "score the backbones first (e.g. logme) and search only the best", metavar="SCORER"))
+    top_k: int | None = field(default=None, metadata=flag(
+        "--top-k", "backbones kept by --prerank", type=int, default_text="half, rounded up"))
+    cache: bool = field(default=True, metadata=flag(  # frozen stages from caches
+        "--cache", "train frozen stages from caches: pooled features when the whole backbone is frozen, "
+        "boundary activations of --cache-views augmented views when part of it is (--no-cache runs every "
+        "trial's whole model every epoch)", action="toggle"))
+    cache_views: int = field(default=2, metadata=flag(
+        "--cache-views", "augmented views per image cached at the freeze boundary", type=int))
+    cache_memory: int | None = field(default=None, metadata=flag(  # byte budget of the boundary cache
+        "--cache-memory", "memory for the boundary cache, e.g. 2GB or 512MiB; a trial that needs more trains "
+        "the plain way", metavar="SIZE", convert=_size, default_text="2 GiB or a quarter of RAM, whichever is less"))
+    compile: bool = field(default=False, metadata=flag(
+        "--compile", "torch.compile the trained module", action="toggle"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

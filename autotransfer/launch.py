@@ -80,10 +80,10 @@ class LocalWorkers:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return cls(plan_workers(workers, parse_gpus(gpus, visible), per_gpu, os.cpu_count() or 1))
 
-    def bind(self, search: Any, options: Any) -> Callable[[Any], None]:
-        """What `Search.run` calls once the study exists: start the workers on it and wait."""
+    def bind(self, options: Any) -> Callable[[Any], None]:
+        """What `Search.run` calls once the study exists: start the workers on it (with the run `options`:
+        storage, study, output folder, plugins) and wait."""
         def run(study: Any) -> None:
-            search.data = None  # each worker loads its own copy; the parent only supervises
             pinned = any(plan.gpu is not None for plan in self.plans)
             args = ["--storage", options.storage, "--study", options.study_name, "--out", str(options.out),
                     "--heartbeat", str(options.heartbeat_s), "--device", "cuda" if pinned else options.device]

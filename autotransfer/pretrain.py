@@ -8,45 +8,53 @@ own in-house starting points offline.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .backbones import WeightsRequest, provider_for, seeded
+from .backbones import WeightsRequest, provider_for, seeded, weights_label
 from .checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
 from .config import OPTIMIZERS
 from .data import load_dataset, native_size, prepare
 from .errors import UserError
+from .flags import flag
 from .heads import HeadConfig
 from .model import assemble
 from .plugins import registries
-from .search import resolve_device, trial_inputs, weights_label
+from .prepared import resolve_device, trial_inputs
 from .trainer import EpochStats, FitSettings, NonFiniteLoss, train
 
 
 @dataclass
 class PretrainConfig:
-    dataset: str
-    backbone: str
-    out: Path
-    pretrained: bool = True  # start from the backbone's own pretrained weights (else random init)
-    weights: str | None = None  # or from this file / checkpoint folder
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    batch_size: int = 64
-    image_size: int | None = None
-    val_fraction: float = 0.1
-    seed: int = 0
+    """What `autotransfer pretrain` trains; each field a flag sets declares it here (flags.py)."""
+
+    dataset: str = field(metadata=flag("--dataset", "source dataset (same forms as search)"))
+    backbone: str = field(metadata=flag("--backbone", "timm or plugin backbone name"))
+    out: Path = field(metadata=flag(
+        "--out", "new checkpoint folder; use it as --backbones DIR or --weights NAME=DIR", type=Path))
+    pretrained: bool = field(default=True, metadata=flag(  # start from the backbone's own pretrained weights
+        "--no-pretrained", "start from random init instead of the backbone's pretrained weights", action="negate"))
+    weights: str | None = field(default=None, metadata=flag(  # or from this file / checkpoint folder
+        "--weights", "start from this state dict or checkpoint folder", metavar="PATH"))
+    epochs: int = field(default=10, metadata=flag("--epochs", "epochs on the source data", type=int))
+    lr: float = field(default=1e-3, metadata=flag("--lr", "learning rate", type=float))
+    optimizer: str = field(default="adam", metadata=flag("--optimizer", f"one of {','.join(OPTIMIZERS)}"))
+    batch_size: int = field(default=64, metadata=flag("--batch-size", "images per step", type=int))
+    image_size: int | None = field(default=None, metadata=flag("--image-size", "crop size", type=int,
+                                                               default_text="as in search"))
+    val_fraction: float = field(default=0.1, metadata=flag(
+        "--val-fraction", "held out to report source accuracy", type=float))
+    seed: int = field(default=0, metadata=flag("--seed", "seeds the split, the head and the order", type=int))
     device: str = "auto"
 
     def validate(self) -> "PretrainConfig":
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
+        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
             if value < 1:
-                raise UserError(f"{flag} must be a positive integer, got {value}")
+                raise UserError(f"{name} must be a positive integer, got {value}")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size must be a positive integer, got {self.image_size}")
         if not self.lr > 0:

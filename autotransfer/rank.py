@@ -6,14 +6,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .backbones import provider_for, weights_label, weights_request
+from .backbones import provider_for, weights_label
 from .errors import UserError
 from .features import FeatureCache, extract
 from .scorers import NotApplicable
+
+if TYPE_CHECKING:
+    from .prepared import Prepared
 
 log = logging.getLogger(__name__)
 FEATURES_DIR = "features"
@@ -55,21 +59,22 @@ def check_scorers(registries, names: list[str]) -> list:
     return [registries.scorer(name) for name in names]
 
 
-def score_backbones(search, scorer_names: list[str], backbones: list[str] | None = None) -> list[BackboneScores]:
-    """Score every backbone of a prepared Search on its training split; features are cached under
-    the run folder, keyed by weights, pixels and preprocessing."""
+def score_backbones(prepared: Prepared, scorer_names: list[str],
+                    backbones: list[str] | None = None) -> list[BackboneScores]:
+    """Score every backbone of a prepared search (prepared.py) on its training split; features are cached
+    under the run folder, keyed by weights, pixels and preprocessing."""
 
-    scorers = check_scorers(search.registries, scorer_names)
-    cache = FeatureCache(search.out / FEATURES_DIR)
+    scorers = check_scorers(prepared.registries, scorer_names)
+    cache = FeatureCache(prepared.out / FEATURES_DIR)
     results = []
-    for name in backbones or search.config.backbones:
-        provider = provider_for(name, search.registries)
-        request = weights_request(search.config, name)
+    for name in backbones or prepared.config.backbones:
+        provider = provider_for(name, prepared.registries)
+        request = prepared.weights_for(name)
         backbone = provider.create(name, request)
         head = provider.source_classifier(name, request) if hasattr(provider, "source_classifier") else None
-        inputs = search.inputs_for(name)
-        images = search.data.train.at_size(inputs.resize_size)
-        found = extract(backbone.module, head, images, inputs, search.device, cache,
+        inputs = prepared.inputs_for(name)
+        images = prepared.data.train.at_size(inputs.resize_size)
+        found = extract(backbone.module, head, images, inputs, prepared.device, cache,
                         meta={"backbone": name, "weights": backbone.source})
         result = BackboneScores(name, weights_label(request, backbone.source), backbone.num_features,
                                 found.seconds, found.cached)

@@ -67,14 +67,14 @@ def checkpoint_key(user_attrs: dict[str, Any], number: int) -> int:
     return number if stored is None else int(stored)
 
 
-def fit_trial(search: Any, trial: optuna.Trial, model: TransferModel, path: TrialPath,
+def fit_trial(out: Path, trial: optuna.Trial, model: TransferModel, path: TrialPath,
               on_epoch: Callable[[EpochStats], None]) -> list[EpochStats]:
     """Run the trial's planned path (plain, features or boundary) with a checkpoint after every
     epoch, resuming from the trial's (or the trial it retries) last one, and on CUDA out-of-memory
     one retry at half the batch with two-step gradient accumulation, so the effective batch and the
     schedule stay the same. Checkpoints hold the whole `model`'s trained tensors, so one written on
-    one path resumes on another (a retry elsewhere may plan differently)."""
-    store = CheckpointStore.for_key(search.out, checkpoint_key(trial.user_attrs, trial.number))
+    one path resumes on another (a retry elsewhere may plan differently). Checkpoints live under `out`."""
+    store = CheckpointStore.for_key(out, checkpoint_key(trial.user_attrs, trial.number))
 
     def save(state: TrainState) -> None:
         """The retry of a trial taken over shares its checkpoint folder: never write into it."""

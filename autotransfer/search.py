@@ -9,8 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
-import os
 import re
 import sys
 import time
@@ -25,8 +23,8 @@ import torch
 
 from . import leaderboard
 from .backbones import BackboneInfo, provider_for, weights_label, weights_request
-from .config import CONFIG_ATTR, CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
-from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
+from .config import CONFIG_ATTR, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
+from .data import ImageRef, PreparedData
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
 from .fastpath import CachePolicy, TrialCaches, default_cache_memory
@@ -36,6 +34,7 @@ from .plugins import plugin_manager, registries
 from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
 from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
+from .prepared import Prepared, prepare_search, resolve_device
 from .record import PRERANK_KEY, write
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
@@ -119,82 +118,6 @@ def merge_config(explicit: dict, stored: SearchConfig | None) -> SearchConfig:
     return merged.validate()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for a GPU but CUDA sees none; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.device, native_size: int) -> TrialInputs:
-    """Crop size: --image-size, else the backbone's pretrained size, capped on CPU and at 4x the
-    images' own size (an 8 px digit gains nothing from 224 px); fixed-size models keep theirs."""
-    pre = info.preprocessing
-    if info.fixed_input_size:
-        size = pre.input_size
-    elif image_size:
-        size = image_size
-    else:
-        cap = CPU_IMAGE_SIZE_CAP if device.type == "cpu" else pre.input_size
-        size = max(32, min(pre.input_size, cap, 4 * native_size))
-    return TrialInputs(size, int(math.ceil(size / pre.crop_pct)), pre.mean, pre.std)
-
-
-PROBE_BELOW_PX = 64  # crops this small are tried through the backbone once (cheap) before any trial
-
-
-def check_takes_size(name: str, module: torch.nn.Module, size: int) -> None:
-    """One forward pass of a blank image: a crop too small for the backbone's pooling or strides is a
-    one-line error before the study starts, not a failed trial."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, size, size))
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"backbone {name!r} cannot take {size} px crops ({detail}); give a larger --image-size")
-    finally:
-        module.train(was_training)
-
-
-def available_memory() -> int:
-    """Bytes this process can still take: MemAvailable (Linux), else the physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse
-
-
-def check_memory(images: int, decode_size: int, crop: int, batch_size: int, available: int) -> None:
-    """Refuse, before decoding, what cannot fit even at its floor: one decoded image (uint8 at the decode
-    size) plus one float32 input batch at the crop size. Activations come on top, so this is a lower bound:
-    it stops a crop size that would have the kernel's OOM killer end processes, not every tight fit."""
-    one_image = 3 * decode_size * decode_size
-    batch = min(batch_size, images) * 3 * crop * crop * 4
-    floor = one_image + batch
-    if floor > available:
-        raise UserError(f"{crop} px crops (decoded at {decode_size} px) need at least {floor / 2**30:.1f} GiB for "
-                        f"one image and one batch of {min(batch_size, images)}, before activations; "
-                        f"{available / 2**30:.1f} GiB is available; lower --image-size or --batch-size")
-
-
 # --------------------------------------------------------------------------- progress
 
 class Progress:
@@ -232,14 +155,18 @@ class Progress:
 
 @dataclass
 class Search:
+    """The driver: opens the study, queues the opening and runs trials on a `Prepared` search (prepared.py).
+    The sampler and pruner are parts passed in (`sampler(seed)`, `pruner(config)`); the defaults are the
+    seeded TPE and the configured pruner."""
+
     config: SearchConfig
     options: RunOptions
+    sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None  # the seed -> a sampler
+    pruner: Callable[[SearchConfig], optuna.pruners.BasePruner] | None = None
     device: torch.device = field(init=False)
-    infos: dict[str, BackboneInfo] = field(init=False, default_factory=dict)
-    data: PreparedData | None = field(init=False, default=None)
-    test_refs: tuple[list[ImageRef], np.ndarray | None] = field(init=False, default=((), None))  # undecoded test split
+    prepared: Prepared | None = field(init=False, default=None)
     created_study: bool = field(init=False, default=False)  # this process created the study (and opens it)
-    sources: dict[str, str] = field(init=False, default_factory=dict)  # where each backbone's weights came from
+    kept: list[str] | None = field(init=False, default=None)  # the candidates --prerank kept
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.options.device)
@@ -251,32 +178,25 @@ class Search:
             memory=self.config.cache_memory or default_cache_memory(), folder=self.out / FEATURES_DIR))
 
     # -- preparation: everything that can fail on bad input happens before any trial runs
-    def prepare(self) -> None:
-        if self.config.prerank is not None:
-            self.registries.scorer(self.config.prerank)  # a typo fails before anything is stored
-        for name in self.config.backbones:
-            self.infos[name] = provider_for(name, self.registries).describe(name)
-        for name, path in self.config.weights.items():
-            if path != RANDOM_WEIGHTS:
-                _check_checkpoint_architecture(name, path)
-        refs = load_source(self.config, self.registries)
-        self.test_refs = refs.split_refs("test")
-        self.native_size = native_size([r for i, r in enumerate(refs.refs)  # test images choose nothing, not even this
-                                        if refs.splits is None or refs.splits[i] != "test"])
-        decode_size = max(self.inputs_for(name).resize_size for name in self.infos)
-        check_memory(len(refs.refs), decode_size, max(self.inputs_for(name).image_size for name in self.infos),
-                     self.config.batch_size, available_memory())
-        self.data = prepare(refs, decode_size, val_fraction=self.config.val_fraction, seed=self.config.seed,
-                            memory_budget=self.options.memory_budget)
-        for name in self.config.backbones:  # read every weight file / hub entry once, before trial 0
-            backbone = provider_for(name, self.registries).create(name, weights_request(self.config, name))
-            self.sources[name] = backbone.source
-            if self.inputs_for(name).image_size < PROBE_BELOW_PX:
-                check_takes_size(name, backbone.module, self.inputs_for(name).image_size)
+    def prepare(self) -> Prepared:
+        self.prepared = prepare_search(self.config, self.registries, self.device, self.out, self.options.memory_budget)
+        return self.prepared
+
+    @property
+    def data(self) -> PreparedData | None:
+        return None if self.prepared is None else self.prepared.data
+
+    @property
+    def infos(self) -> dict[str, BackboneInfo]:
+        return {} if self.prepared is None else self.prepared.infos
+
+    @property
+    def test_refs(self) -> tuple[list[ImageRef], np.ndarray | None]:
+        return ((), None) if self.prepared is None else self.prepared.test_refs
 
     def inputs_for(self, backbone: str) -> TrialInputs:
         """How `backbone`'s trials see the images (crop, stored size, normalisation) in this search."""
-        return trial_inputs(self.infos[backbone], self.config.image_size, self.device, self.native_size)
+        return self.prepared.inputs_for(backbone)
 
     def open_study(self) -> optuna.Study:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -319,19 +239,19 @@ class Search:
                      SearchConfig.from_dict(stored))
 
     def _sampler(self, previous_trials: int) -> optuna.samplers.BaseSampler:
-        """Seeded TPE; a resumed study offsets the seed so it does not replay the first run's draws."""
+        """The sampler part, seeded; a resumed study offsets the seed so it does not replay the first run's draws."""
+        return (self.sampler or self.default_sampler)(self.config.seed + previous_trials)
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        return (self.pruner or default_pruner)(self.config)
+
+    def default_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        """Seeded multivariate TPE with a constant liar (workers draw at once), start-up sized to the budget."""
         startup = max(3, min(10, (self.config.trials or 40) // 4))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=self.config.seed + previous_trials, multivariate=True, group=True,
-                                              constant_liar=True, n_startup_trials=startup)
-
-    def _pruner(self) -> optuna.pruners.BasePruner:
-        if self.config.pruner == "median":
-            return PeerMedianPruner(n_startup_trials=3)
-        if self.config.pruner == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.config.epochs, reduction_factor=3)
-        return optuna.pruners.NopPruner()
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              n_startup_trials=startup)
 
     # -- the run
     def run(self, launch: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
@@ -353,6 +273,7 @@ class Search:
             if finished:
                 progress.say(f"resuming study {self.options.study_name!r}: {finished} finished trial(s) kept")
             if launch is not None:
+                self.prepared.release_data()  # each worker process loads its own copy; this one only supervises
                 launch(study)
             else:
                 self._optimize(study, progress, timeout, elapsed_before)
@@ -372,7 +293,7 @@ class Search:
         names = [by, *[name for name in default_scorers(self.registries) if name != by]]
         self.registries.scorer(by)  # an unknown --prerank fails here, before any extraction
         progress.say(f"pre-ranking {len(self.config.backbones)} backbones with {', '.join(names)}")
-        results = score_backbones(self, names)
+        results = score_backbones(self.prepared, names)
         frame = rank_frame(results, names, by)
         kept = top_k(results, by, self.config.top_k)
         frame.insert(1, "kept", frame["backbone"].isin(kept))
@@ -391,7 +312,7 @@ class Search:
         """The two-stage opening (portfolio.Opening) for the kept candidates, as they were created."""
         names = list(self.kept or self.config.backbones)
         return Opening(self.config, names, {name: self.infos[name].num_stages for name in names},
-                       {name: self.sources.get(name, RANDOM_WEIGHTS) != "random init" for name in names})
+                       {name: self.prepared.sources.get(name, RANDOM_WEIGHTS) != "random init" for name in names})
 
     def open_with_portfolio(self, study: optuna.Study, progress: Progress) -> None:
         """Queue the opening's first stage (the probes; everything when nothing can be probed). Only the
@@ -424,12 +345,14 @@ class Search:
         return queue
 
     def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
-        from .worker import WorkerLoop, quiet_expected_failures, stop_on_sigterm
+        from .worker import Budget, WorkerLoop, quiet_expected_failures, stop_on_sigterm
 
         quiet_expected_failures()
         restore = stop_on_sigterm()
         try:
-            WorkerLoop(self, study, progress, timeout, elapsed_before, self._follow_up(progress)).run()
+            WorkerLoop(lambda trial: self.objective(study, trial, progress), study,
+                       Budget(self.config.trials, timeout, elapsed_before), self.out, progress.say,
+                       self.options.heartbeat_s, self._follow_up(progress)).run()
         finally:
             restore()
 
@@ -494,7 +417,7 @@ class Search:
             if path.note:
                 write(trial, cache_note=path.note)
             progress.path(trial.number, path.mode, path.note)
-            history = fit_trial(self, trial, model, path, on_epoch)
+            history = fit_trial(self.out, trial, model, path, on_epoch)
             value = history[-1].val_accuracy
             card = ModelCard(  # best/ takes it if it beats the chosen model (selection.py)
                 backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
@@ -571,12 +494,6 @@ class Search:
                             "(selection.py); was best/ written by another study?", card.trial, best_number)
 
 
-def load_source(config: SearchConfig, registries) -> LabelledRefs:
-    """The dataset as its source gives it, with --val-as-test applied: the splits every command sees."""
-    refs = load_dataset(registries.dataset_source(config.dataset), config.dataset)
-    return refs.with_val_as_test() if config.val_as_test else refs
-
-
 def write_scorer_tau(stored: dict, frame, out: Path) -> None:
     """How well each scorer predicted the best accuracy each trained backbone reached."""
     import pandas as pd
@@ -589,15 +506,13 @@ def write_scorer_tau(stored: dict, frame, out: Path) -> None:
     scorer_tau(scores, best, stored["scorers"]).to_csv(out / "scorer_tau.csv", index=False)
 
 
-def _check_checkpoint_architecture(name: str, path: str) -> None:
-    """`--weights NAME=DIR` with a checkpoint of another architecture: say so before loading tensors."""
-    from .checkpoints import is_checkpoint, locate, read_manifest
-
-    if is_checkpoint(path) and locate(name) is None:
-        architecture = read_manifest(path).architecture
-        if architecture != name:
-            raise UserError(f"--weights {name}={path}: that checkpoint holds a {architecture!r} backbone, not {name!r}; "
-                            f"use --weights {architecture}={path} or --backbones {path}")
+def default_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    """--pruner: the median of peers at the same epoch, Hyperband over --epochs, or none."""
+    if config.pruner == "median":
+        return PeerMedianPruner(n_startup_trials=3)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
 
 
 def _best_value(study: optuna.Study) -> float | None:

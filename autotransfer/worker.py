@@ -21,6 +21,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -112,23 +113,36 @@ def admitted(trials: list[FrozenTrial], number: int, budget: int | None, grace_s
 
 # --------------------------------------------------------------------------- the loop
 
+@dataclass(frozen=True)
+class Budget:
+    """What this run may spend: finished trials in the study, and seconds of this run (None: no limit);
+    `elapsed_before` is what earlier runs of the study spent, stored back in the study after each trial."""
+
+    trials: int | None
+    timeout: float | None = None
+    elapsed_before: float = 0.0
+
+
 @dataclass
 class WorkerLoop:
-    """Runs trials of `search` in `study` until the budget or the timeout is spent."""
+    """Runs `objective` on trials of `study` until the budget or the timeout is spent. It knows nothing
+    of the driver: the objective is any callable of an Optuna trial, `out` the folder the trials'
+    checkpoints live under (resilience.CheckpointStore), `say` where progress lines go."""
 
-    search: Any  # search.Search
+    objective: Callable[[optuna.Trial], float]
     study: optuna.Study
-    progress: Any  # search.Progress
-    timeout: float | None
-    elapsed_before: float
+    budget: Budget
+    out: Path
+    say: Callable[[str], None]
+    heartbeat_s: int
     before_trial: Callable[[optuna.Study], None] = lambda study: None  # e.g. queue the opening's next stage
 
     def __post_init__(self) -> None:
-        self.budget: int | None = self.search.config.trials
-        self.grace_s = float(grace_period(self.search.options.heartbeat_s or 1))
+        self.trials: int | None = self.budget.trials
+        self.grace_s = float(grace_period(self.heartbeat_s or 1))
         self.started = time.monotonic()
         self.failures = 0
-        self.max_failures = max(3, self.budget or 10)
+        self.max_failures = max(3, self.trials or 10)
         self.stopped = False
         self.duplicates = 0  # in a row
         self.current: int | None = None  # the trial this worker runs, for Ctrl-C
@@ -140,13 +154,13 @@ class WorkerLoop:
             fail_stale(self.study)
             self.before_trial(self.study)
             counts = tally(self.study.get_trials(deepcopy=False), self.grace_s)
-            if self.budget is not None and counts.finished >= self.budget:
+            if self.trials is not None and counts.finished >= self.trials:
                 return
-            if self.timeout is not None and time.monotonic() - self.started >= self.timeout:
+            if self.budget.timeout is not None and time.monotonic() - self.started >= self.budget.timeout:
                 return
-            if self.budget is not None and not counts.waiting and counts.finished + counts.running >= self.budget:
+            if self.trials is not None and not counts.waiting and counts.finished + counts.running >= self.trials:
                 if not waiting_said:  # the budget is in other workers' hands unless one of them dies
-                    self.progress.say(f"waiting for {counts.running} trial(s) running in other workers")
+                    self.say(f"waiting for {counts.running} trial(s) running in other workers")
                     waiting_said = True
                 time.sleep(POLL_S)
                 continue
@@ -168,7 +182,7 @@ class WorkerLoop:
             # failed the trial and re-queued it, so Optuna cannot record its end here. Drop the work, go on.
             if not self._current_finished_elsewhere():
                 raise
-            self.progress.say(f"trial {self.current} was taken over by another worker (this worker's heartbeats "
+            self.say(f"trial {self.current} was taken over by another worker (this worker's heartbeats "
                               f"were late); dropping its work: {type(exc).__name__}")
             if self.stopping is not None:  # stopped as well: whoever took the trial over re-queued it
                 raise self.stopping from None
@@ -179,7 +193,7 @@ class WorkerLoop:
     def _objective(self, trial: optuna.Trial) -> float:
         write(trial, worker=worker_id())
         self.current = trial.number
-        if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.budget, self.grace_s):
+        if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.trials, self.grace_s):
             write(trial, reason=SURPLUS)
             raise SurplusTrial(SURPLUS)
         if TrialRecord.of(trial).checkpoint_key is None:
@@ -189,7 +203,7 @@ class WorkerLoop:
         try:
             STOP_GATE.release()  # a stop that came while Optuna created this trial is taken here, and recorded
             try:
-                return self.search.objective(self.study, trial, self.progress)
+                return self.objective(trial)
             finally:
                 STOP_GATE.hold()  # and one that comes while Optuna tells its end waits for that
         except KeyboardInterrupt as stop:
@@ -198,32 +212,32 @@ class WorkerLoop:
             raise
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        study.set_user_attr(ELAPSED_ATTR, self.elapsed_before + time.monotonic() - self.started)
+        study.set_user_attr(ELAPSED_ATTR, self.budget.elapsed_before + time.monotonic() - self.started)
         reason = TrialRecord.of(trial).reason
         if reason != SURPLUS and not reason.startswith(DUPLICATE):
-            CheckpointStore.for_key(self.search.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
+            CheckpointStore.for_key(self.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
         if reason.startswith(DUPLICATE):
             self.duplicates += 1
-            self.progress.say(f"trial {trial.number} not run: {reason[len(DUPLICATE):].strip()}")
+            self.say(f"trial {trial.number} not run: {reason[len(DUPLICATE):].strip()}")
             if self.duplicates >= MAX_DUPLICATES:
-                self.progress.say(f"stopping: {self.duplicates} draws in a row repeated configurations already "
+                self.say(f"stopping: {self.duplicates} draws in a row repeated configurations already "
                                   "tried; the search space looks exhausted (widen it, or lower --trials)")
                 self.stopped = True
             return
         self.duplicates = 0
         if trial.state == TrialState.FAIL:
             if reason == SURPLUS:
-                self.progress.say(f"trial {trial.number} not run: the budget is full")
+                self.say(f"trial {trial.number} not run: the budget is full")
                 return
             self.failures += 1
-            self.progress.say(f"trial {trial.number} failed: {reason or 'unknown error'}")
+            self.say(f"trial {trial.number} failed: {reason or 'unknown error'}")
             if self.failures >= self.max_failures:
-                self.progress.say(f"stopping: {self.failures} trials failed in this run")
+                self.say(f"stopping: {self.failures} trials failed in this run")
                 self.stopped = True
         elif trial.state == TrialState.PRUNED:
-            self.progress.say(f"trial {trial.number} pruned: {reason}")
+            self.say(f"trial {trial.number} pruned: {reason}")
         else:
-            self.progress.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
+            self.say(f"trial {trial.number} done: val_acc {trial.value:.4f}")
 
     def _current_finished_elsewhere(self) -> bool:
         if self.current is None:

@@ -302,7 +302,7 @@ def test_an_image_size_no_backbone_can_use_is_refused_before_anything_runs(tmp_p
 
 def test_a_crop_the_backbone_cannot_take_is_one_line(tmp_path, capsys):
     """A pooling window larger than the feature map: refused before the study starts, not a failed trial."""
-    from autotransfer.search import check_takes_size
+    from autotransfer.prepared import check_takes_size
 
     with pytest.raises(Exception, match="cannot take 8 px crops"):
         check_takes_size("pool8", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AvgPool2d(8)), 8)
@@ -311,7 +311,7 @@ def test_a_crop_the_backbone_cannot_take_is_one_line(tmp_path, capsys):
 
 def test_the_memory_floor_is_checked_before_decoding():
     from autotransfer.errors import UserError
-    from autotransfer.search import check_memory
+    from autotransfer.prepared import check_memory
 
     check_memory(1000, 256, 224, 32, available=8 << 30)
     with pytest.raises(UserError, match=r"need at least 18\.0 GiB for one image and one batch of 384, before "

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +14,8 @@ from PIL import Image
 
 from autotransfer.cli import main
 from autotransfer.leaderboard import COLUMNS
+from conftest import SHARED, run_cli
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 needs_shared = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} is absent (no ../shared beside the checkout)")
 
@@ -155,11 +152,6 @@ def test_leaderboard_command_rebuilds_from_storage(tmp_path, capsys):
     pd.testing.assert_frame_equal(rebuilt.drop(columns=["duration_s"]), written.drop(columns=["duration_s"]))
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
-
-
 def bad_inputs(tmp: Path) -> dict[str, list[str]]:
     empty = tmp / "empty"
     empty.mkdir()
@@ -185,14 +177,18 @@ def bad_inputs(tmp: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("case", ["missing path", "empty folder", "one class", "csv missing column",
                                   "unknown backbone", "trials 0", "unknown pruner", "cache memory", "cache views 0"])
-@pytest.mark.slow
-def test_bad_input_exits_2_with_one_line(tmp_path, case):
-    result = run_cli(*bad_inputs(tmp_path)[case])
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
+    """In-process (the CLI's own `main`); argparse's errors leave through SystemExit, as they do for a user."""
+    try:
+        code = main(bad_inputs(tmp_path)[case])
+    except SystemExit as exit:
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("autotransfer") and "error" in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.slow

@@ -362,7 +362,7 @@ def test_default_crop_is_the_pretrained_size_capped_on_cpu_and_at_four_times_the
 
     from autotransfer.backbones import BackboneInfo
     from autotransfer.preprocessing import Preprocessing
-    from autotransfer.search import trial_inputs
+    from autotransfer.prepared import trial_inputs
 
     def info(size: int, fixed: bool = False) -> BackboneInfo:
         return BackboneInfo("net", 5, 64, Preprocessing(size, (0.5,) * 3, (0.25,) * 3, 0.875), fixed)

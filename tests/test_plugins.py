@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from autotransfer.model import assemble
 from autotransfer.plugins import registries
 from autotransfer.scorers import score
 from autotransfer.testing import reset_registries
+from conftest import one_line_error, run_cli
 
 EXAMPLE = Path(__file__).parent / "plugin_examples" / "stripes_plugin.py"
 SEARCH = ["search", "--dataset", "stripes:80", "--backbones", "stripenet", "--trials", "2", "--epochs", "2",
@@ -33,11 +32,6 @@ def fresh_plugin_cache():
     reset_registries()
     yield
     reset_registries()
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
 
 
 def read_events(path: Path) -> list[dict]:
@@ -134,13 +128,6 @@ def test_plugin_backbone_freezes_k_stages(k):
 
 
 # --------------------------------------------------------------------------- broken plugins
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow

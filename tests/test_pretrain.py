@@ -4,9 +4,6 @@ other half that uses the checkpoint as a backbone (by path, by zoo name, or as -
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,8 +16,9 @@ from autotransfer.checkpoints import BACKBONE_FILE, HEAD_FILE, MANIFEST, read_ma
 from autotransfer.cli import main
 from autotransfer.plugins import registries
 from autotransfer.predict import predict
-from autotransfer.search import resolve_device
+from autotransfer.prepared import resolve_device
 from autotransfer.testing import reset_registries
+from conftest import one_line_error, run_cli
 
 ARCH = "test_efficientnet"
 TARGET = ["--dataset", "builtin:digits:5-9", "--no-pretrained", "--trials", "2", "--epochs", "1",
@@ -33,18 +31,6 @@ def checkpoint(tmp_path_factory) -> Path:
     assert main(["pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH, "--no-pretrained",
                  "--epochs", "2", "--image-size", "32", "--out", str(folder), "--quiet"]) == 0
     return folder
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_checkpoint_files_and_manifest(checkpoint):

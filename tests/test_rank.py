@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -24,8 +20,8 @@ from autotransfer.rank import scorer_tau
 from autotransfer.search import PRERANK_ATTR
 from autotransfer.space import first_trial
 from autotransfer.trainer import TrialInputs
+from conftest import SHARED, run_cli
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 WEIGHTS = SHARED / "weights"
 INPUTS = TrialInputs(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -91,11 +87,6 @@ def test_rank_command_table(tmp_path, capsys):
     again = pd.read_csv(out / "rank.csv")
     assert again["cached"].all()  # same weights (seeded random init), pixels and preprocessing
     assert np.allclose(again.set_index("backbone")["hscore"], frame.set_index("backbone")["hscore"])
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotransfer.cli", *args], capture_output=True, text=True,
-                          env=os.environ.copy(), timeout=300)
 
 
 @pytest.mark.parametrize("args, needle", [

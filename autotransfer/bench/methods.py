@@ -80,16 +80,6 @@ class MethodRun:
                           quiet=self.quiet, plugins=self.plugins, best_history=True)
 
 
-class RandomSearch(Search):
-    """The baseline: uniform random sampling of the same space, no pruning."""
-
-    def _sampler(self, previous_trials: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=self.config.seed + previous_trials)
-
-    def _pruner(self) -> optuna.pruners.BasePruner:
-        return optuna.pruners.NopPruner()
-
-
 # --------------------------------------------------------------------------- searches
 
 def _run_search(run: MethodRun, search: Search) -> MethodResult:
@@ -176,7 +166,9 @@ def autotransfer_prerank(run: MethodRun) -> MethodResult:
 
 def random_search(run: MethodRun) -> MethodResult:
     """Uniform random draws from the first trial: no opening portfolio, no pruning."""
-    return _run_search(run, RandomSearch(run.config(pruner="none", portfolio=False), run.run_options()))
+    return _run_search(run, Search(run.config(pruner="none", portfolio=False), run.run_options(),
+                                   sampler=lambda seed: optuna.samplers.RandomSampler(seed=seed),
+                                   pruner=lambda config: optuna.pruners.NopPruner()))
 
 
 def seed_recipe(run: MethodRun) -> MethodResult:
@@ -196,32 +188,32 @@ def linear_probe(run: MethodRun) -> MethodResult:
     Each backbone's probe is scored on the test split as it is fitted, off the method's clock."""
     from ..backbones import provider_for
     from ..features import FeatureCache, extract
-    from ..search import weights_request
+    from ..plugins import registries
+    from ..prepared import prepare_search, resolve_device
 
     clock = time.perf_counter()
     off_clock = 0.0  # seconds spent scoring on test, not charged to the method
-    search = Search(run.config(trials=1, timeout=None), RunOptions(out=run.work, storage="", study_name="",
-                                                                    device=run.device, quiet=True, plugins=run.plugins))
-    search.prepare()
+    prepared = prepare_search(run.config(trials=1, timeout=None), registries(run.plugins),
+                              resolve_device(run.device), run.work)
     cache = FeatureCache(run.work / "features")
     cs = [float(c) for c in run.options.get("C", PROBE_CS)]
     best: tuple[float, float, dict, float | None] | None = None
     points: list[tuple[float, float, float | None]] = []
     complete = failed = 0
-    for name in search.config.backbones:
+    for name in prepared.config.backbones:
         try:
-            backbone = provider_for(name, search.registries).create(name, weights_request(search.config, name))
-            inputs = search.inputs_for(name)
+            backbone = provider_for(name, prepared.registries).create(name, prepared.weights_for(name))
+            inputs = prepared.inputs_for(name)
             size = inputs.resize_size
-            train = extract(backbone.module, None, search.data.train.at_size(size), inputs, search.device, cache)
-            val = extract(backbone.module, None, search.data.val.at_size(size), inputs, search.device, cache)
+            train = extract(backbone.module, None, prepared.data.train.at_size(size), inputs, prepared.device, cache)
+            val = extract(backbone.module, None, prepared.data.val.at_size(size), inputs, prepared.device, cache)
             accuracy, c, model = probe_accuracy(train.features, train.labels, val.features, val.labels, cs, run.seed,
-                                                search.data.num_classes)
+                                                prepared.data.num_classes)
             seconds = time.perf_counter() - clock - off_clock
             scoring = time.perf_counter()
             test_accuracy = None
-            if search.data.test is not None:
-                test = extract(backbone.module, None, search.data.test.at_size(size), inputs, search.device, cache)
+            if prepared.data.test is not None:
+                test = extract(backbone.module, None, prepared.data.test.at_size(size), inputs, prepared.device, cache)
                 test_accuracy = float((model.predict(test.features) == test.labels).mean())
             off_clock += time.perf_counter() - scoring
         except UserError:
@@ -238,7 +230,7 @@ def linear_probe(run: MethodRun) -> MethodResult:
                     test_accuracy)
     if best is None:
         raise RuntimeError(f"the linear probe failed on every backbone ({failed})")
-    test_images = None if search.data.test is None else len(search.data.test)
+    test_images = None if prepared.data.test is None else len(prepared.data.test)
     return MethodResult(best[0], best[1], time.perf_counter() - clock - off_clock, complete, 0, failed, best[2],
                         best_so_far(points), test_accuracy=best[3], test_images=test_images)
 
