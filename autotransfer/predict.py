@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import ImageRef, ImageSet, _describe, _try_decode
+from .data.decode import ImageRef, describe_ref, try_decode
+from .data.images import ImageSet
 from .errors import UserError
 from .model import ModelCard, TransferModel, load_model
 from .trainer import TrialInputs, infer
@@ -53,9 +54,9 @@ def decode_chunks(refs: Sequence[ImageRef], decode_size: int, labels: np.ndarray
     counted and reported once, after the last chunk."""
     skipped: list[str] = []
     for start in range(0, len(refs), CHUNK):
-        decoded = [(i, _try_decode(refs[i], decode_size)) for i in range(start, min(start + CHUNK, len(refs)))]
+        decoded = [(i, try_decode(refs[i], decode_size)) for i in range(start, min(start + CHUNK, len(refs)))]
         good = [(i, t) for i, t in decoded if t is not None]
-        skipped += [_describe(refs[i]) for i, t in decoded if t is None]
+        skipped += [describe_ref(refs[i]) for i, t in decoded if t is None]
         if good:
             index = [i for i, _ in good]
             chunk_labels = torch.zeros(len(good), dtype=torch.long) if labels is None else torch.as_tensor(labels[index])

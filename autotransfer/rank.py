@@ -13,14 +13,13 @@ import pandas as pd
 
 from .backbones import provider_for, weights_label
 from .errors import UserError
-from .features import FeatureCache, extract
+from .cache.features import FEATURES_DIR, FeatureCache, extract
 from .scorers import NotApplicable
 
 if TYPE_CHECKING:
     from .prepared import Prepared
 
 log = logging.getLogger(__name__)
-FEATURES_DIR = "features"
 NOT_APPLICABLE = "n/a"
 
 

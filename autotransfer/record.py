@@ -39,7 +39,7 @@ class TrialRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     epochs_done: int | None = None
-    cache: str | None = None  # the path it trained on: features, boundary or plain (fastpath.py)
+    cache: str | None = None  # the path it trained on: features, boundary or plain (cache/plan.py)
     cache_note: str | None = None  # what the caches planned, then what they did
     duration_s: float | None = None  # the objective's own time, from model creation to the last epoch
     worker: str | None = None  # host:pid of the process running it; marks trials that send heartbeats

@@ -19,7 +19,7 @@ from torch import nn
 
 from .record import TrialRecord, key, write
 from .selection import replaces
-from .fastpath import TrialPath
+from .cache.plan import TrialPath
 from .model import CONFIG_FILE, ModelCard, TransferModel, save_model
 from .train_state import TrainState, load_trained_tensors, trained_tensors
 from .trainer import EpochStats

@@ -27,11 +27,10 @@ from .config import CONFIG_ATTR, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
 from .data import ImageRef, PreparedData
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
-from .fastpath import CachePolicy, TrialCaches, default_cache_memory
+from .cache import FEATURES_DIR, CachePolicy, TrialCaches, default_cache_memory
 from .model import ModelCard, assemble
 from .multilevel import with_stage_features as stage_features
 from .plugins import plugin_manager, registries
-from .rank import FEATURES_DIR
 from .resilience import TrialTakenOver, fit_trial, publish_best
 from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
 from .prepared import Prepared, prepare_search, resolve_device

@@ -54,7 +54,7 @@ class EpochStats:
 @dataclass(frozen=True)
 class FitSettings:
     """How a trial is fitted, whichever path it takes: the one settings object every training
-    function takes (`fit`, `train`, `train_on_features`, `fastpath.train_from_boundary`)."""
+    function takes (`fit`, `train`, `train_on_features`, `cache.plan.train_from_boundary`)."""
 
     optimizer_name: str
     lr: float

@@ -180,7 +180,7 @@ def training_flops(module: nn.Module, batch: torch.Tensor, labels: torch.Tensor)
 def cached_share(model: nn.Module, frozen: int, stages: int, images: torch.Tensor, labels: torch.Tensor,
                  inputs) -> tuple[float, str]:
     """The share of a plain training step's FLOPs the cached step still does, and where it starts."""
-    from autotransfer.boundary import Replay, ReplayedModel, capture, verified_boundary
+    from autotransfer.cache.boundary import Replay, ReplayedModel, capture, verified_boundary
     from autotransfer.data import eval_transform
 
     batch = eval_transform(images, inputs.image_size, inputs.mean, inputs.std)
@@ -204,7 +204,7 @@ def epoch_seconds(path, skip: int) -> list[float]:
 
 
 def cache_rows(search: Search, cases: list[Case], repeats: int, batch_size: int, views: int = 2) -> list[dict]:
-    from autotransfer.fastpath import CachePolicy, TrialCaches
+    from autotransfer.cache.plan import CachePolicy, TrialCaches
     from autotransfer.trainer import FitSettings
 
     device = search.device

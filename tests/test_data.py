@@ -616,8 +616,8 @@ def test_train_transform_shape_dtype_and_determinism():
 
 
 def test_train_transform_pinned_scale_is_identity_up_to_flip(monkeypatch):
-    monkeypatch.setattr(data, "TRAIN_SCALE", (1.0, 1.0))
-    monkeypatch.setattr(data, "TRAIN_RATIO", (1.0, 1.0))
+    monkeypatch.setattr(data.transforms, "TRAIN_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(data.transforms, "TRAIN_RATIO", (1.0, 1.0))
     images = torch.stack([torch.from_numpy(_noise(i, (12, 12))).permute(2, 0, 1) for i in range(16)])
     out = train_transform(images, 12, MEAN, STD, generator=torch.Generator().manual_seed(0))
     plain = normalise(images, MEAN, STD)

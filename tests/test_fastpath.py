@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from autotransfer.backbones import WeightsRequest, provider_for
-from autotransfer.boundary import NoBoundary, Replay, ReplayedModel, capture, verified_boundary
+from autotransfer.cache.boundary import NoBoundary, Replay, ReplayedModel, capture, verified_boundary
 from autotransfer.cli import main
 from autotransfer.data import BuiltinSource, eval_transform, prepare
-from autotransfer.fastpath import CachePolicy, TrialCaches
+from autotransfer.cache.plan import CachePolicy, TrialCaches
 from autotransfer.heads import HeadConfig
 from autotransfer.model import TransferModel, assemble
 from autotransfer.plugins import registries
@@ -183,7 +183,7 @@ def test_a_deeper_boundary_is_computed_from_a_shallower_cache_and_trains_the_sam
 
 
 def test_a_derivation_that_does_not_match_the_images_is_not_used(digits, monkeypatch):
-    import autotransfer.fastpath as fastpath
+    import autotransfer.cache.plan as fastpath
 
     shared = TrialCaches(CachePolicy(views=1))
     shared.plan(tiny_model("test_resnet", 1), "r", digits.train, digits.val, INPUTS, 1, 5, settings(1)).run(

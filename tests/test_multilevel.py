@@ -13,7 +13,7 @@ from torch import nn
 
 from autotransfer.backbones import Backbone, TimmProvider, WeightsRequest
 from autotransfer.cli import main
-from autotransfer.features import tensors_digest
+from autotransfer.cache.features import tensors_digest
 from autotransfer.heads import HeadConfig
 from autotransfer.model import ModelCard, assemble, load_model, save_model
 from autotransfer.multilevel import NoStageFeatures, stage_modules, with_stage_features

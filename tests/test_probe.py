@@ -107,7 +107,7 @@ def test_the_probe_trial_does_not_need_the_cache(tmp_path):
 
 def test_lp_ft_starts_from_the_probe_and_keeps_its_normalisation_statistics(tmp_path):
     from autotransfer.backbones import provider_for
-    from autotransfer.features import forward_features
+    from autotransfer.cache.features import forward_features
     from autotransfer.heads import HeadConfig
     from autotransfer.model import assemble
     from autotransfer.search import RunOptions, Search, weights_request

@@ -14,7 +14,7 @@ from autotransfer.backbones import WeightsRequest, provider_for
 from autotransfer.cli import main
 from autotransfer.config import SearchConfig
 from autotransfer.data import BuiltinSource, prepare
-from autotransfer.features import FeatureCache, extract
+from autotransfer.cache.features import FeatureCache, extract
 from autotransfer.plugins import registries
 from autotransfer.rank import scorer_tau
 from autotransfer.search import PRERANK_ATTR

@@ -187,7 +187,7 @@ def linear_probe(run: MethodRun) -> MethodResult:
     """Frozen pooled features + logistic regression per backbone; the best backbone by val counts.
     Each backbone's probe is scored on the test split as it is fitted, off the method's clock."""
     from ..backbones import provider_for
-    from ..features import FeatureCache, extract
+    from ..cache.features import FeatureCache, extract
     from ..plugins import registries
     from ..prepared import prepare_search, resolve_device
 

@@ -27,11 +27,11 @@ from torch import nn
 
 from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel, capture, capture_from,
                        verified_boundary)
-from .data import ImageSet, eval_transform, to_device, train_transform
+from ..data import ImageSet, eval_transform, to_device, train_transform
 from .features import FeatureCache, FeatureSet, extract, fingerprint, images_digest, tensors_digest
-from .multilevel import StagePooled
-from .probe import Probe, fit_probe
-from .trainer import (EpochStats, FitSettings, Trainee, TrialInputs, autocast_for, feature_batches, fit,
+from ..multilevel import StagePooled
+from ..probe import Probe, fit_probe
+from ..trainer import (EpochStats, FitSettings, Trainee, TrialInputs, autocast_for, feature_batches, fit,
                       memory_format, eval_batch, no_report, probe_on_features, rows_accuracy, train,
                       train_on_features, wants_channels_last)
 
