@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backbones import TimmProvider
-from .checkpoint_provider import CheckpointProvider
+from .backbones.checkpoint_provider import CheckpointProvider
 from .data import BuiltinSource, CsvSource, FolderSource
 from .hookspecs import hookimpl
 from .scorers import BUILTIN_SCORERS

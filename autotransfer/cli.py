@@ -376,7 +376,7 @@ def _rank(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .checkpoints import path_name
+    from .backbones.checkpoints import path_name
     from .flags import given
     from .pretrain import PretrainConfig, pretrain
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, WeightsRequest, freeze, frozen_submodules, provider_for
-from .checkpoints import publish_permissions
+from .backbones.checkpoints import publish_permissions
 from .config import FEATURES
 from .heads import HeadConfig, build_head
 from .multilevel import with_stage_features

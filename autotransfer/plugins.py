@@ -9,18 +9,23 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import UserError
 
+if TYPE_CHECKING:  # the protocols each kind's items follow (not imported at run time: start-up stays light)
+    from .backbones import BackboneProvider
+    from .data import DatasetSource
+    from .scorers import Scorer
+
 ENV_VAR = "AUTOTRANSFER_PLUGINS"
 BUILTIN_MODULES = ("autotransfer.builtin",)
 HOOKS = {"autotransfer_dataset_sources": "datasets", "autotransfer_backbone_providers": "backbones",
          "autotransfer_scorers": "scorers"}
-REQUIRED = {"autotransfer_dataset_sources": ("can_load", "load"),
+REQUIRED = {"autotransfer_dataset_sources": ("can_load", "load"),  # the protocols' methods (tested)
             "autotransfer_backbone_providers": ("matches", "describe", "create"),
             "autotransfer_scorers": ("requires", "__call__")}
 LIFECYCLE_HOOKS = ("autotransfer_trial_started", "autotransfer_epoch_ended", "autotransfer_trial_finished")
@@ -28,11 +33,11 @@ LIFECYCLE_HOOKS = ("autotransfer_trial_started", "autotransfer_epoch_ended", "au
 
 @dataclass(frozen=True)
 class Registries:
-    datasets: list[Any]
-    backbones: list[Any]
-    scorers: list[Any]
+    datasets: list[DatasetSource]
+    backbones: list[BackboneProvider]
+    scorers: list[Scorer]
 
-    def dataset_source(self, uri: str) -> Any:
+    def dataset_source(self, uri: str) -> DatasetSource:
         for source in self.datasets:
             if source.can_load(uri):
                 return source
@@ -45,13 +50,13 @@ class Registries:
                         "(path,label[,split]), builtin:digits, or a form a plugin reads (see `autotransfer plugins`; "
                         "load one with --plugin)")
 
-    def backbone_provider(self, name: str) -> Any | None:
+    def backbone_provider(self, name: str) -> BackboneProvider | None:
         for provider in self.backbones:
             if provider.matches(name):
                 return provider
         return None
 
-    def scorer(self, name: str) -> Any:
+    def scorer(self, name: str) -> Scorer:
         for scorer in self.scorers:
             if scorer.name == name:
                 return scorer

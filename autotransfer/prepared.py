@@ -162,7 +162,7 @@ def load_source(config: SearchConfig, registries) -> LabelledRefs:
 
 def check_checkpoint_architecture(name: str, path: str) -> None:
     """`--weights NAME=DIR` with a checkpoint of another architecture: say so before loading tensors."""
-    from .checkpoints import is_checkpoint, locate, read_manifest
+    from .backbones.checkpoints import is_checkpoint, locate, read_manifest
 
     if is_checkpoint(path) and locate(name) is None:
         architecture = read_manifest(path).architecture

@@ -1,7 +1,7 @@
 """`autotransfer pretrain`: the first phase of transfer learning, run on your own source data.
 
 Trains a whole backbone with a linear head on a source dataset and writes a checkpoint folder
-(`autotransfer.checkpoints`) that a later search uses as a backbone, so a team can build its
+(`autotransfer.backbones.checkpoints`) that a later search uses as a backbone, so a team can build its
 own in-house starting points offline.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .backbones import WeightsRequest, provider_for, seeded, weights_label
-from .checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
+from .backbones.checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
 from .config import OPTIMIZERS
 from .data import load_dataset, native_size, prepare
 from .errors import UserError

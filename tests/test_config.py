@@ -361,7 +361,7 @@ def test_default_crop_is_the_pretrained_size_capped_on_cpu_and_at_four_times_the
     import torch
 
     from autotransfer.backbones import BackboneInfo
-    from autotransfer.preprocessing import Preprocessing
+    from autotransfer.backbones import Preprocessing
     from autotransfer.prepared import trial_inputs
 
     def info(size: int, fixed: bool = False) -> BackboneInfo:

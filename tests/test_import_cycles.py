@@ -56,3 +56,26 @@ def test_no_function_in_the_package_takes_more_than_eight_parameters():
     counts = parameter_counts(import_cycles.ROOT)
     assert len(counts) > 300 and max(counts.values()) >= 6  # it read the package
     assert {name: n for name, n in counts.items() if n > 8} == {}
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    """Issue 17: the README's layout paragraph matches the tree (a new module must be placed there)."""
+    import re
+
+    readme = (import_cycles.ROOT.parent / "README.md").read_text()
+    layout = readme[readme.index("Layout: `autotransfer/`"):]
+    layout = layout[:layout.index("`scripts/`.")]
+    named = set(re.findall(r"`([a-z_]+/?)", layout))
+    package = import_cycles.ROOT
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" or "__pycache__" in path.parts:
+            continue
+        inner = path.relative_to(package)
+        if len(inner.parts) > 1 and f"{inner.parts[0]}/" not in named:
+            missing.append(f"{inner.parts[0]}/")
+        elif len(inner.parts) > 1 and inner.parts[0] != "bench" and path.stem not in named:
+            missing.append(str(inner))
+        elif len(inner.parts) == 1 and path.stem not in named and path.stem != "__main__":
+            missing.append(path.stem)
+    assert not missing, f"README.md's layout paragraph does not name: {sorted(set(missing))}"

@@ -18,7 +18,7 @@ from autotransfer.heads import HeadConfig
 from autotransfer.model import ModelCard, assemble, load_model, save_model
 from autotransfer.multilevel import NoStageFeatures, stage_modules, with_stage_features
 from autotransfer.plugins import registries
-from autotransfer.preprocessing import Preprocessing
+from autotransfer.backbones import Preprocessing
 
 SIZE = 32
 

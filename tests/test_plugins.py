@@ -281,3 +281,33 @@ def test_every_hook_has_a_docstring_and_is_documented_in_docs_plugins_md():
         assert documented in guide, f"docs/plugins.md does not document {documented}"
     named = set(re.findall(r"\bautotransfer_[a-z_]+\b", guide))
     assert named <= set(specs), f"docs/plugins.md names hooks that do not exist: {sorted(named - set(specs))}"
+
+
+def test_every_registered_source_and_provider_follows_its_protocol():
+    """The protocols (data.DatasetSource, backbones.BackboneProvider) are the contract docs/plugins.md
+    describes: the built-ins and the example plugin follow them, and the registry checks their methods."""
+    import inspect
+
+    from autotransfer.backbones import BackboneProvider
+    from autotransfer.data import DatasetSource
+    from autotransfer.plugins import REQUIRED
+
+    found = registries((str(EXAMPLE),))
+    assert {type(s).__name__ for s in found.datasets} >= {"FolderSource", "CsvSource", "BuiltinSource"}
+    assert all(isinstance(source, DatasetSource) for source in found.datasets)
+    assert all(isinstance(provider, BackboneProvider) for provider in found.backbones)
+    assert len(found.backbones) >= 3  # the example's stripenet, checkpoint folders, timm
+
+    def methods(protocol) -> set[str]:
+        return {name for name, member in vars(protocol).items() if inspect.isfunction(member) and not name.startswith("_")}
+
+    assert set(REQUIRED["autotransfer_dataset_sources"]) == methods(DatasetSource)
+    assert set(REQUIRED["autotransfer_backbone_providers"]) == methods(BackboneProvider)
+
+    class NoLoad:
+        name = "half"
+
+        def can_load(self, uri: str) -> bool:
+            return False
+
+    assert not isinstance(NoLoad(), DatasetSource)  # a source without load() is not one

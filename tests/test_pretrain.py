@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from autotransfer.backbones import WeightsRequest, provider_for
-from autotransfer.checkpoints import BACKBONE_FILE, HEAD_FILE, MANIFEST, read_manifest
+from autotransfer.backbones.checkpoints import BACKBONE_FILE, HEAD_FILE, MANIFEST, read_manifest
 from autotransfer.cli import main
 from autotransfer.plugins import registries
 from autotransfer.predict import predict

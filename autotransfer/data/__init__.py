@@ -16,7 +16,7 @@ as it was when this was one module.
 """
 
 from .sources import (
-    BUILTIN_TEST_FRACTION, BUILTIN_TEST_SEED, BuiltinSource, CsvSource, FolderSource, LabelledRefs,
+    BUILTIN_TEST_FRACTION, BUILTIN_TEST_SEED, BuiltinSource, CsvSource, DatasetSource, FolderSource, LabelledRefs,
     SPLITS, SPLIT_NAMES, from_torch_dataset, load_dataset)
 from .decode import (
     ImageRef, decode_image, describe_ref, memory_budget_bytes, native_size, resize_square, to_rgb,
@@ -25,7 +25,7 @@ from .images import ImageSet, PreparedData, StreamedView, assign_splits, batch_o
 from .transforms import TRAIN_RATIO, TRAIN_SCALE, centre_crop, eval_transform, normalise, train_transform
 
 __all__ = [
-    "BUILTIN_TEST_FRACTION", "BUILTIN_TEST_SEED", "BuiltinSource", "CsvSource", "FolderSource",
+    "BUILTIN_TEST_FRACTION", "BUILTIN_TEST_SEED", "BuiltinSource", "CsvSource", "DatasetSource", "FolderSource",
     "ImageRef", "ImageSet", "LabelledRefs", "PreparedData", "SPLITS", "SPLIT_NAMES", "StreamedView",
     "TRAIN_RATIO", "TRAIN_SCALE", "assign_splits", "batch_order", "centre_crop", "decode_image",
     "describe_ref", "eval_transform", "from_torch_dataset", "load_dataset", "memory_budget_bytes",

@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 from dataclasses import dataclass
+from typing import Protocol, Union, runtime_checkable
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,20 @@ class LabelledRefs:
         return [self.refs[i] for i in rows], self.labels[rows]
 
 
+@runtime_checkable
+class DatasetSource(Protocol):
+    """What the search asks of a dataset source (`autotransfer_dataset_sources`; docs/plugins.md is the
+    contract). Optional: `datasets`, the names it serves, for `autotransfer plugins`."""
+
+    name: str
+
+    def can_load(self, uri: str) -> bool:
+        """Whether this source reads `--dataset uri` (cheap: look at the string or the file name)."""
+
+    def load(self, uri: str) -> Union[LabelledRefs, torch.utils.data.Dataset]:
+        """The labels and undecoded images, or a map-style torch Dataset of (image, label)."""
+
+
 def from_torch_dataset(dataset, name: str) -> LabelledRefs:
     """A map-style torch Dataset of (image, label) pairs, as a source may return one.
 
@@ -102,7 +117,7 @@ def from_torch_dataset(dataset, name: str) -> LabelledRefs:
     return LabelledRefs(name, refs, np.array(labels), class_names)
 
 
-def load_dataset(source, uri: str) -> LabelledRefs:
+def load_dataset(source: DatasetSource, uri: str) -> LabelledRefs:
     """Ask `source` for `uri`; a torch Dataset is read into LabelledRefs."""
     loaded = source.load(uri)
     if isinstance(loaded, LabelledRefs):

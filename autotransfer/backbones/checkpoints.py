@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError, WeightsUnavailable
+from ..errors import UserError, WeightsUnavailable
 from .preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"

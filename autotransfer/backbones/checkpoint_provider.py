@@ -10,10 +10,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .backbones import Backbone, BackboneInfo, CachedProvider, WeightsRequest, load_into, provider_for, read_state_dict
+from .base import Backbone, BackboneInfo, CachedProvider, WeightsRequest, provider_for
 from .checkpoints import (BACKBONE_FILE, HEAD_FILE, MANIFEST, ZOO_ENV, Manifest, is_checkpoint, locate, read_manifest,
                           verified_file, zoo_folders)
-from .errors import UserError
+from ..errors import UserError
+from .weights import load_into, read_state_dict
 
 
 class CheckpointProvider(CachedProvider):
