@@ -91,6 +91,9 @@ class SearchConfig:
         "sampler takes over after them", action="toggle"))
     epochs: int = field(default=5, metadata=flag("--epochs", "epochs per trial", type=int))
     batch_size: int = field(default=32, metadata=flag("--batch-size", "images per step", type=int))
+    label_smoothing: float = field(default=0.0, metadata=flag(
+        "--label-smoothing", "label smoothing of the trained heads' cross-entropy, 0 to below 1 (the probe's "
+        "logistic regression is not smoothed)", type=float))
     image_size: int | None = field(default=None, metadata=flag(
         "--image-size", "crop size", type=int,
         default_text=f"the backbone's pretrained size, at most {CPU_IMAGE_SIZE_CAP} on CPU"))
@@ -160,6 +163,8 @@ class SearchConfig:
             raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if self.trials is None and self.timeout is None:
             raise UserError("no budget: give --trials N and/or --timeout SECONDS")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         low, high = self.lr

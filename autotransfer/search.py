@@ -408,7 +408,8 @@ class Search:
 
             settings = FitSettings(params.optimizer, params.lr, self.config.epochs, self.config.batch_size, self.device,
                                    self.config.seed + trial.number, self.config.compile,
-                                   probe=params.probe, probe_c=params.probe_c)
+                                   probe=params.probe, probe_c=params.probe_c,
+                                   label_smoothing=self.config.label_smoothing)
             path = self.caches.plan(model, identity, self.data.train.at_size(inputs.resize_size),
                                     self.data.val.at_size(inputs.resize_size), inputs, params.frozen_stages,
                                     params.num_stages, settings)

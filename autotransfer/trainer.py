@@ -68,6 +68,7 @@ class FitSettings:
     on_checkpoint: Callable[[TrainState], None] | None = None  # gets the state after every epoch
     probe: bool = False  # fully frozen linear head: fit it to convergence (probe.py), not for `epochs`
     probe_c: float | None = None  # the probe's L2 strength; None: chosen by cross-validation on train
+    label_smoothing: float = 0.0  # of the cross-entropy every trained head minimises
 
 
 def no_report(stats: EpochStats) -> None:
@@ -262,7 +263,7 @@ def fit(trainee: Trainee, settings: FitSettings, on_epoch: Callable[[EpochStats]
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr * 0.01)
     autocast, needs_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     forward: Callable[..., torch.Tensor] = trainee.module
     if settings.compile:
         forward, note = compiled(trainee.module, device)

@@ -44,3 +44,32 @@ def test_rmsprop_keeps_its_default_loop():
 def test_an_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="'lamb'"):
         make_optimizer("lamb", nn.Linear(4, 2).parameters(), 1e-3)
+
+
+def test_label_smoothing_reaches_the_loss_every_path_trains_with():
+    """--label-smoothing: `fit` (the loop of the plain, features and boundary paths) minimises the smoothed
+    cross-entropy. A confident, correct head costs almost nothing unsmoothed, and about a fifth of its
+    logit gap with smoothing 0.4 over two classes."""
+    from autotransfer.trainer import FitSettings, Trainee, fit
+
+    def run(smoothing: float) -> float:
+        head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(2) * 10)  # logits: 10 for the true class, 0 for the other
+        inputs, labels = torch.eye(2).repeat(4, 1), torch.tensor([0, 1] * 4)
+        trainee = Trainee(head, 8, lambda epoch, generator: [(inputs, labels)], lambda: 1.0)
+        settings = FitSettings("sgd", 1e-9, 1, 8, torch.device("cpu"), 0, label_smoothing=smoothing)
+        return fit(trainee, settings)[0].train_loss
+
+    assert run(0.0) < 1e-3
+    assert run(0.4) == pytest.approx(0.4 * 0.5 * 10, rel=0.01)
+
+
+def test_a_label_smoothing_outside_zero_to_one_is_refused():
+    from autotransfer.config import SearchConfig
+    from autotransfer.errors import UserError
+
+    assert SearchConfig(dataset="builtin:digits", label_smoothing=0.1).validate().label_smoothing == 0.1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match=r"--label-smoothing must lie in \[0, 1\), got"):
+            SearchConfig(dataset="builtin:digits", label_smoothing=bad).validate()
