@@ -307,7 +307,8 @@ def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
     from .config import CONFIG_ATTR, SearchConfig
     from .holdout import saved_trial, score_best, stored_score
     from .plugins import registries
-    from .prepared import load_source, resolve_device
+    from .devices import resolve_device
+    from .prepared import load_source
     from .search import BEST_DIR
 
     best = run_dir / BEST_DIR
@@ -329,7 +330,7 @@ def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from .plugins import registries
     from .predict import predict
-    from .prepared import resolve_device
+    from .devices import resolve_device
 
     frame = predict(Path(args.model), args.inputs, registries(tuple(args.plugin)), resolve_device(args.device))
     # File names that are not valid UTF-8 reach Python as surrogate escapes: write their original bytes back.
@@ -351,7 +352,8 @@ def _rank(args: argparse.Namespace) -> int:
     from . import config as c
     from .flags import given
     from .plugins import registries
-    from .prepared import prepare_search, resolve_device
+    from .devices import resolve_device
+    from .prepared import prepare_search
     from .rank import default_by, default_scorers, not_applicable_notes, rank_frame, score_backbones, to_markdown
     from .search import default_study_name
 

@@ -11,7 +11,6 @@ Invariant: a `Prepared` is data handed down; nothing in it calls back into the d
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from .backbones import BackboneInfo, WeightsRequest, provider_for, weights_request
 from .config import CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
 from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
+from .devices import available_memory
 from .errors import UserError
 from .plugins import Registries
 from .trainer import TrialInputs
@@ -78,23 +78,6 @@ def prepare_search(config: SearchConfig, registries: Registries, device: torch.d
     return prepared
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for a GPU but CUDA sees none; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.device, native_size: int) -> TrialInputs:
     """Crop size: --image-size, else the backbone's pretrained size, capped on CPU and at 4x the
     images' own size (an 8 px digit gains nothing from 224 px); fixed-size models keep theirs."""
@@ -125,20 +108,6 @@ def check_takes_size(name: str, module: torch.nn.Module, size: int) -> None:
         raise UserError(f"backbone {name!r} cannot take {size} px crops ({detail}); give a larger --image-size")
     finally:
         module.train(was_training)
-
-
-def available_memory() -> int:
-    """Bytes this process can still take: MemAvailable (Linux), else the physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse
 
 
 def check_memory(images: int, decode_size: int, crop: int, batch_size: int, available: int) -> None:

@@ -22,7 +22,8 @@ from .flags import flag
 from .heads import HeadConfig
 from .model import assemble
 from .plugins import registries
-from .prepared import resolve_device, trial_inputs
+from .devices import resolve_device
+from .prepared import trial_inputs
 from .trainer import EpochStats, FitSettings, NonFiniteLoss, train
 
 

@@ -4,7 +4,6 @@ CUDA out-of-memory, and a best/ folder that stays right when several workers fin
 from __future__ import annotations
 
 import fcntl
-import gc
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ import optuna
 import torch
 from torch import nn
 
+from .devices import release_memory
 from .record import TrialRecord, key, write
 from .selection import replaces
 from .cache.plan import TrialPath
@@ -120,12 +120,6 @@ def replay(trial: optuna.Trial, state: TrainState) -> None:
     for stats in state.history:
         trial.report(stats["val_accuracy"], stats["epoch"])
     write(trial, epochs_done=state.epoch)
-
-
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- best/

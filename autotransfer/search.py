@@ -6,7 +6,6 @@ resumed (or joined) from its storage URL and name alone.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -33,7 +32,8 @@ from .multilevel import with_stage_features as stage_features
 from .plugins import plugin_manager, registries
 from .resilience import TrialTakenOver, fit_trial, publish_best
 from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
-from .prepared import Prepared, prepare_search, resolve_device
+from .devices import release_memory, resolve_device
+from .prepared import Prepared, prepare_search
 from .record import PRERANK_KEY, write
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
@@ -457,8 +457,7 @@ class Search:
             self.lifecycle.trial_finished(event, state, value, reason)
             del model, path
             if self.device.type == "cuda":  # give the GPU memory back now; on CPU, refcounting frees the model
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_memory(self.device)
 
     def score_test(self, study: optuna.Study) -> dict | None:
         """The best/ model on the test split, once the study is finished (see holdout.py); None when

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -13,17 +12,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .data import ImageSet, batch_order, eval_transform, to_device, train_transform
+from .data import ImageSet, batch_order, eval_transform, train_transform
+from .devices import autocast_for, eval_batch, memory_format, to_device, wants_channels_last
 from .train_state import TrainState
 
 log = logging.getLogger(__name__)
-
-
-def eval_batch(device: torch.device) -> int:
-    """The batch of passes without gradients (validation, feature and activation caches): large on
-    a GPU; small on a CPU, whose caches then hold the activations (MobileNetV1 at 160 px ran its
-    forward pass twice as fast in batches of 32 as in batches of 128 on the 2-core machine)."""
-    return 128 if device.type == "cuda" else 32
 
 
 class NonFiniteLoss(RuntimeError):
@@ -114,14 +107,6 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def autocast_for(device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], bool]:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); fp32 on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext, False
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
-
-
 @torch.inference_mode()
 def infer(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: torch.device,
           channels_last: bool = False) -> torch.Tensor:
@@ -145,24 +130,6 @@ def accuracy(model: nn.Module, images: ImageSet, inputs: TrialInputs, device: to
     labels = images.labels.to(probs.device)
     correct = int((probs.argmax(dim=1) == labels).sum().item())
     return correct / max(len(labels), 1)
-
-
-def memory_format(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.dim() == 4 else batch
-
-
-def is_cnn(model: nn.Module) -> bool:
-    """Convolutions beyond a patch-embedding stem: the layout channels_last speeds up."""
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
-
-
-def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """channels_last for CNNs, on any device. CUDA convolutions want NHWC; on CPU (oneDNN) it was
-    measured on the 2-core dev box, hymenoptera at 160 px, whole model trained, epochs interleaved,
-    min of 6 under other load: MobileNetV1-0.25 0.74 s vs 0.96 s contiguous, resnet18 8.1 s vs
-    8.9 s. The medians were noisier (resnet18's favoured contiguous once), so the CPU gain is real
-    for depthwise nets and small for resnet18; `train(channels_last=False)` turns it off."""
-    return is_cnn(model)
 
 
 def compiled(module: nn.Module, device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:

@@ -5,7 +5,8 @@ The default crop on CPU is the backbone's pretrained input size capped at `confi
 nothing cached between runs) at each `--sizes` value for each seed, alternating sizes within a seed so
 machine load falls on both alike, and writes one row per run to
 benchmarks/results/image_size-<dataset folder>.csv. Defaults: issue 16's acceptance search (hymenoptera,
-the two MobileNetV1-0.25 plugin backbones, 12 trials of 4 epochs).
+the two MobileNetV1-0.25 plugin backbones, 12 trials of 4 epochs). `best_val` is the leaderboard's
+first, `chosen_val` the model the search chose (best/, selection.py).
 
     python benchmarks/image_size.py [--sizes 160,224] [--seeds 0,1,2]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from autotransfer.bench.store import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIELDS = ("dataset", "backbones", "trials", "epochs", "image_size", "seed", "best_val", "best_trial",
-          "best_kind", "wall_s", "load_before", "cpu")
+          "best_kind", "chosen_val", "chosen_trial", "wall_s", "load_before", "cpu")
 
 
 def best_row(leaderboard: Path) -> dict[str, str]:
@@ -66,10 +68,12 @@ def main() -> None:
                                 "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
                 wall = time.perf_counter() - start
                 best = best_row(Path(work) / "leaderboard.csv")
+                chosen = json.loads((Path(work) / "best" / "model.json").read_text())  # selection.py's choice
             rows.append({"dataset": Path(args.dataset).name, "backbones": args.backbones, "trials": args.trials,
                          "epochs": args.epochs, "image_size": size, "seed": seed,
                          "best_val": f"{float(best['val_accuracy']):.4f}", "best_trial": best["trial"],
-                         "best_kind": kind(best), "wall_s": f"{wall:.1f}", "load_before": f"{load:.2f}",
+                         "best_kind": kind(best), "chosen_val": f"{chosen['val_accuracy']:.4f}",
+                         "chosen_trial": chosen["trial"], "wall_s": f"{wall:.1f}", "load_before": f"{load:.2f}",
                          "cpu": cpu_model()})
             print(rows[-1], flush=True)
     with out.open("w", newline="") as handle:

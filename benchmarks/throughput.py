@@ -52,7 +52,8 @@ from autotransfer.data import train_transform  # noqa: E402
 from autotransfer.heads import HeadConfig  # noqa: E402
 from autotransfer.model import assemble  # noqa: E402
 from autotransfer.search import RunOptions, Search, weights_request  # noqa: E402
-from autotransfer.trainer import FitSettings, autocast_for, train  # noqa: E402
+from autotransfer.devices import autocast_for  # noqa: E402
+from autotransfer.trainer import FitSettings, train  # noqa: E402
 
 MOBILENETS = ("mobilenetv1_025_leaky_in1k", "mobilenetv1_025_keras_in1k")
 STUDY = "throughput"

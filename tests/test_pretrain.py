@@ -16,7 +16,7 @@ from autotransfer.backbones.checkpoints import BACKBONE_FILE, HEAD_FILE, MANIFES
 from autotransfer.cli import main
 from autotransfer.plugins import registries
 from autotransfer.predict import predict
-from autotransfer.prepared import resolve_device
+from autotransfer.devices import resolve_device
 from autotransfer.testing import reset_registries
 from conftest import one_line_error, run_cli
 

@@ -189,7 +189,8 @@ def linear_probe(run: MethodRun) -> MethodResult:
     from ..backbones import provider_for
     from ..cache.features import FeatureCache, extract
     from ..plugins import registries
-    from ..prepared import prepare_search, resolve_device
+    from ..devices import resolve_device
+    from ..prepared import prepare_search
 
     clock = time.perf_counter()
     off_clock = 0.0  # seconds spent scoring on test, not charged to the method

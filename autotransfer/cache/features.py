@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..data import ImageSet, eval_transform
-from ..trainer import TrialInputs, autocast_for, eval_batch, memory_format, wants_channels_last
+from ..devices import autocast_for, eval_batch, memory_format, wants_channels_last
+from ..trainer import TrialInputs
 
 FEATURES_DIR = "features"  # the cache's folder under a run's --out (or rank's)
 CACHE_VERSION = 2  # 2: the key no longer covers the source head

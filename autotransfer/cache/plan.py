@@ -27,7 +27,8 @@ from torch import nn
 
 from .boundary import (CHECK_BATCH, Boundary, NoBoundary, Replay, ReplayedModel, capture, capture_from,
                        verified_boundary)
-from ..data import ImageSet, eval_transform, to_device, train_transform
+from ..data import ImageSet, eval_transform, train_transform
+from ..devices import to_device
 from .features import FeatureCache, FeatureSet, extract, fingerprint, images_digest, tensors_digest
 from ..multilevel import StagePooled
 from ..probe import Probe, fit_probe

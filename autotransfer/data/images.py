@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..devices import to_device
 from ..errors import UserError
 from .sources import LabelledRefs
 from .decode import ImageRef, decode_image, describe_ref, memory_budget_bytes, resize_square, try_decode, try_verify
@@ -84,16 +85,6 @@ def batch_order(n: int, batch_size: int, *, shuffle: bool, generator: torch.Gene
         if shuffle and len(index) < 2:
             break
         yield index
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy to `device` without making the host wait: host tensors bound for CUDA go through pinned
-    memory so the copy is asynchronous (a pageable copy would synchronise the stream)."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 class _DecodeDataset(torch.utils.data.Dataset):

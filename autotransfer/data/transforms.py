@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .images import to_device
+from ..devices import to_device
 
 TRAIN_SCALE = (0.6, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
