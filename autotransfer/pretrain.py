@@ -13,17 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .backbones import WeightsRequest, provider_for, seeded, weights_label
+from .backbones import WeightsRequest, provider_for, weights_label
 from .backbones.checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
-from .config import OPTIMIZERS
-from .data import load_dataset, native_size, prepare
+from .config import OPTIMIZERS, SearchConfig
 from .errors import UserError
 from .flags import flag
 from .heads import HeadConfig
 from .model import assemble
 from .plugins import registries
 from .devices import resolve_device
-from .prepared import trial_inputs
+from .prepared import prepare_search
 from .trainer import EpochStats, FitSettings, NonFiniteLoss, train
 
 
@@ -50,6 +49,13 @@ class PretrainConfig:
     seed: int = field(default=0, metadata=flag("--seed", "seeds the split, the head and the order", type=int))
     device: str = "auto"
 
+    def as_search(self) -> SearchConfig:
+        """The data, backbone and weights settings as a search would hold them, for `prepare_search`."""
+        return SearchConfig(dataset=self.dataset, backbones=[self.backbone], pretrained=self.pretrained,
+                            weights={self.backbone: self.weights} if self.weights else {},
+                            batch_size=self.batch_size, image_size=self.image_size, val_fraction=self.val_fraction,
+                            seed=self.seed).validate()
+
     def validate(self) -> "PretrainConfig":
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -73,19 +79,15 @@ class PretrainConfig:
 def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False) -> Manifest:
     """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest."""
     config.validate()
-    torch.manual_seed(config.seed)  # the head's init is part of what --seed fixes (the backbone's: init_seed)
     found = registries(tuple(plugins))
-    provider = provider_for(config.backbone, found)
-    info = provider.describe(config.backbone)
     device = resolve_device(config.device)
-    refs = load_dataset(found.dataset_source(config.dataset), config.dataset)
-    inputs = trial_inputs(info, config.image_size, device, native_size(refs.refs))
-    data = prepare(refs, inputs.resize_size, val_fraction=config.val_fraction, seed=config.seed)
-    request = seeded(WeightsRequest(config.pretrained, config.weights), config.seed)
-    backbone = provider.create(config.backbone, request)
+    prepared = prepare_search(config.as_search(), found, device, Path(config.out))  # as a search reads its data
+    data, inputs, request = prepared.data, prepared.inputs_for(config.backbone), prepared.weights_for(config.backbone)
+    backbone = provider_for(config.backbone, found).create(config.backbone, request)
+    torch.manual_seed(config.seed)  # the head's init is part of what --seed fixes (the backbone's: init_seed)
     model = assemble(backbone, HeadConfig("linear"), data.num_classes, frozen_stages=0)
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    say(f"pretraining {config.backbone} ({weights_label(request, backbone.source)}) on {refs.name}: {len(data.train)} train / "
+    say(f"pretraining {config.backbone} ({weights_label(request, backbone.source)}) on {data.name}: {len(data.train)} train / "
         f"{len(data.val)} val images, {data.num_classes} classes, {inputs.image_size} px, {device}")
 
     def on_epoch(stats: EpochStats) -> None:
@@ -102,7 +104,7 @@ def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool 
     manifest = Manifest(
         architecture=config.backbone, num_features=backbone.num_features, num_stages=len(backbone.stages),
         image_size=inputs.image_size, mean=list(inputs.mean), std=list(inputs.std),
-        crop_pct=info.preprocessing.crop_pct, source_dataset=config.dataset,
+        crop_pct=prepared.infos[config.backbone].preprocessing.crop_pct, source_dataset=config.dataset,
         source_classes=list(data.class_names),
         training=dict(init=backbone.source, epochs=config.epochs, lr=config.lr, optimizer=config.optimizer,
                       batch_size=config.batch_size, seed=config.seed, val_fraction=config.val_fraction,

@@ -33,13 +33,15 @@ OOM_RETRY_ATTR = key("oom_retry")
 
 
 @dataclass(frozen=True)
-class CheckpointStore:
-    """`<out>/checkpoints/trial-<key>/state.pt`, shared by a trial and its retries."""
+class TrialStateStore:
+    """A trial's per-epoch training state (train_state.TrainState, to resume a retried trial), in
+    `<out>/checkpoints/trial-<key>/state.pt`, shared by a trial and its retries. Not to be confused
+    with a `pretrain` checkpoint folder (backbones/checkpoints.py), which is a backbone."""
 
     folder: Path
 
     @classmethod
-    def for_key(cls, out: Path, key: int) -> "CheckpointStore":
+    def for_key(cls, out: Path, key: int) -> "TrialStateStore":
         return cls(Path(out) / CHECKPOINT_DIR / f"trial-{key}")
 
     @property
@@ -74,7 +76,7 @@ def fit_trial(out: Path, trial: optuna.Trial, model: TransferModel, path: TrialP
     one retry at half the batch with two-step gradient accumulation, so the effective batch and the
     schedule stay the same. Checkpoints hold the whole `model`'s trained tensors, so one written on
     one path resumes on another (a retry elsewhere may plan differently). Checkpoints live under `out`."""
-    store = CheckpointStore.for_key(out, checkpoint_key(trial.user_attrs, trial.number))
+    store = TrialStateStore.for_key(out, checkpoint_key(trial.user_attrs, trial.number))
 
     def save(state: TrainState) -> None:
         """The retry of a trial taken over shares its checkpoint folder: never write into it."""

@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .record import ELAPSED_KEY, TrialRecord, key, write
-from .resilience import CheckpointStore, TrialTakenOver, checkpoint_key
+from .resilience import TrialStateStore, TrialTakenOver, checkpoint_key
 from .storage import grace_period
 
 ELAPSED_ATTR = ELAPSED_KEY  # on the study: search seconds spent over all runs, for --timeout
@@ -127,7 +127,7 @@ class Budget:
 class WorkerLoop:
     """Runs `objective` on trials of `study` until the budget or the timeout is spent. It knows nothing
     of the driver: the objective is any callable of an Optuna trial, `out` the folder the trials'
-    checkpoints live under (resilience.CheckpointStore), `say` where progress lines go."""
+    checkpoints live under (resilience.TrialStateStore), `say` where progress lines go."""
 
     objective: Callable[[optuna.Trial], float]
     study: optuna.Study
@@ -215,7 +215,7 @@ class WorkerLoop:
         study.set_user_attr(ELAPSED_ATTR, self.budget.elapsed_before + time.monotonic() - self.started)
         reason = TrialRecord.of(trial).reason
         if reason != SURPLUS and not reason.startswith(DUPLICATE):
-            CheckpointStore.for_key(self.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
+            TrialStateStore.for_key(self.out, checkpoint_key(trial.user_attrs, trial.number)).clear()
         if reason.startswith(DUPLICATE):
             self.duplicates += 1
             self.say(f"trial {trial.number} not run: {reason[len(DUPLICATE):].strip()}")

@@ -27,3 +27,19 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
+
+
+def main_error(capsys, *args: str) -> str:
+    """`autotransfer ARGS` in this process, where it must fail as bad input: exit status 2 (argparse's
+    SystemExit or `main`'s return), one line on stderr, no traceback. Returns the line."""
+    from autotransfer.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit:
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from autotransfer.cli import main
 from autotransfer.leaderboard import COLUMNS
-from conftest import SHARED, run_cli
+from conftest import SHARED, main_error, run_cli
 
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 needs_shared = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} is absent (no ../shared beside the checkout)")
@@ -178,17 +178,8 @@ def bad_inputs(tmp: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("case", ["missing path", "empty folder", "one class", "csv missing column",
                                   "unknown backbone", "trials 0", "unknown pruner", "cache memory", "cache views 0"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
-    """In-process (the CLI's own `main`); argparse's errors leave through SystemExit, as they do for a user."""
-    try:
-        code = main(bad_inputs(tmp_path)[case])
-    except SystemExit as exit:
-        code = exit.code
-    stderr = capsys.readouterr().err
-    assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("autotransfer") and "error" in lines[0]
-    assert "Traceback" not in stderr
+    line = main_error(capsys, *bad_inputs(tmp_path)[case])  # in-process (conftest.py)
+    assert line.startswith("autotransfer") and "error" in line
 
 
 @pytest.mark.slow

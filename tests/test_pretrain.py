@@ -18,7 +18,7 @@ from autotransfer.plugins import registries
 from autotransfer.predict import predict
 from autotransfer.devices import resolve_device
 from autotransfer.testing import reset_registries
-from conftest import one_line_error, run_cli
+from conftest import main_error, run_cli
 
 ARCH = "test_efficientnet"
 TARGET = ["--dataset", "builtin:digits:5-9", "--no-pretrained", "--trials", "2", "--epochs", "1",
@@ -120,16 +120,15 @@ def test_predict_with_a_checkpoint_backbone(checkpoint, tmp_path):
     assert len(frame) == 4 and set(frame["label"]) <= {"5", "6", "7", "8", "9"}
 
 
-@pytest.mark.slow
-def test_bad_pretrain_and_checkpoint_inputs(checkpoint, tmp_path):
-    message = one_line_error(run_cli("pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH,
-                                     "--no-pretrained", "--out", str(checkpoint)))
+def test_bad_pretrain_and_checkpoint_inputs(checkpoint, tmp_path, capsys):  # in-process (conftest.py)
+    message = main_error(capsys, "pretrain", "--dataset", "builtin:digits:0-4", "--backbone", ARCH,
+                         "--no-pretrained", "--out", str(checkpoint))
     assert "already holds a checkpoint" in message
-    message = one_line_error(run_cli("search", *TARGET, "--backbones", "test_resnet",
-                                     "--weights", f"test_resnet={checkpoint}", "--out", str(tmp_path / "a")))
+    message = main_error(capsys, "search", *TARGET, "--backbones", "test_resnet",
+                         "--weights", f"test_resnet={checkpoint}", "--out", str(tmp_path / "a"))
     assert f"holds a '{ARCH}' backbone" in message and f"--weights {ARCH}={checkpoint}" in message
-    message = one_line_error(run_cli("search", *TARGET, "--dataset", "builtin:digits:7", "--backbones", ARCH,
-                                     "--out", str(tmp_path / "b")))
+    message = main_error(capsys, "search", *TARGET, "--dataset", "builtin:digits:7", "--backbones", ARCH,
+                         "--out", str(tmp_path / "b"))
     assert "builtin:digits:0-4" in message
 
     tampered = tmp_path / "tampered"
@@ -142,5 +141,5 @@ def test_bad_pretrain_and_checkpoint_inputs(checkpoint, tmp_path):
     from safetensors.torch import save_file
 
     save_file(state, str(tampered / BACKBONE_FILE))
-    message = one_line_error(run_cli("search", *TARGET, "--backbones", str(tampered), "--out", str(tmp_path / "c")))
+    message = main_error(capsys, "search", *TARGET, "--backbones", str(tampered), "--out", str(tmp_path / "c"))
     assert "sha256" in message and str(tampered) in message
