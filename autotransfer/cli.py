@@ -17,11 +17,49 @@ PROG = "autotransfer"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit 2, like every other bad input here."""
+    """argparse whose errors are one line and exit 2, like every other bad input here. Flags are never
+    abbreviated (`--backbone` is not taken for `--backbones`), and an unknown flag gets the closest
+    ones of its command as a suggestion."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras, _command_parser(self, parsed)))
+        return parsed
 
     def error(self, message: str):  # noqa: D102 - argparse API
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _command_parser(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that read the arguments: `search`, `bench run`, ..."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(parsed, actions[0].dest, None) if actions else None
+        if chosen is None or chosen not in actions[0].choices:
+            return parser
+        parser = actions[0].choices[chosen]
+
+
+def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's message for unknown arguments, with the closest flags of `parser` for each unknown flag."""
+    import difflib
+
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    hints = []
+    for extra in extras:
+        flag = extra.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    return f"{message} ({'; '.join(hints)})" if hints else message
 
 
 def _shared() -> dict[str, argparse.ArgumentParser]:
@@ -186,6 +224,8 @@ def _search(args: argparse.Namespace) -> int:
         return 0
     from .holdout import selection_summary
 
+    if search.stop_reason:
+        print(f"{PROG}: {search.stop_reason}", file=sys.stderr)
     frame = leaderboard.leaderboard_frame(study)
     if not (frame["state"] == "COMPLETE").any():
         if local is not None:
@@ -257,7 +297,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     restore = stop_on_sigterm()
     try:
-        study = Search(config, options).run()
+        search = Search(config, options)
+        study = search.run()
     except KeyboardInterrupt as stop:
         if not is_supervised():  # under `search --workers` the parent says it once for all workers
             print(f"{PROG}: worker {_stopped_by(stop)}; its running trial is recorded as interrupted and re-queued, "
@@ -267,7 +308,8 @@ def _worker(args: argparse.Namespace) -> int:
         restore()
     finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
     if not args.quiet:
-        print(f"{PROG}: worker done; study {args.study!r} has {finished} finished trial(s)", file=sys.stderr)
+        why = f" ({search.stop_reason})" if search.stop_reason else ""
+        print(f"{PROG}: worker done{why}; study {args.study!r} has {finished} finished trial(s)", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,22 @@ CONFIG_ATTR = CONFIG_KEY  # the study attribute (record.py)
 RUN_FIELDS = frozenset({"trials", "timeout", "cache_memory", "compile"})
 
 
+DATASET_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(?![\\/])")  # builtin:..., wds:...; not C:\...
+
+
+def normalise_dataset(text: str) -> str:
+    """A --dataset as stored: a path written one way (`../x/`, `../x` and `../x/.` are one folder: shell
+    completion adds the slash), a source URI (`builtin:digits`, `wds:...`) as given."""
+    text = text.strip()
+    if not text or DATASET_SCHEME.match(text):
+        return text
+    return os.path.normpath(text)
+
+
+def _dataset(name: str, text: str) -> str:
+    return normalise_dataset(text)
+
+
 def _int_list(text: str) -> list[int]:
     return [int(value) for value in parse_list(text)]
 
@@ -53,7 +70,7 @@ class SearchConfig:
     Each field that a flag sets declares it here (flags.py): the parser and its help are made from them."""
 
     dataset: str = field(metadata=flag(
-        "--dataset", "image folder, CSV manifest (path,label[,split]) or builtin:digits"))
+        "--dataset", "image folder, CSV manifest (path,label[,split]) or builtin:digits", convert=_dataset))
     backbones: list[str] = field(default_factory=lambda: list(DEFAULT_BACKBONES), metadata=flag(
         "--backbones", "comma list of timm/plugin backbones", type=lambda text: parse_list(text)))
     pretrained: bool = field(default=True, metadata=flag(
@@ -138,6 +155,7 @@ class SearchConfig:
 
     def validate(self) -> "SearchConfig":
         """Check every value; the messages name the bad value and the flag that fixes it."""
+        self.dataset = normalise_dataset(self.dataset)
         if not self.backbones:
             raise UserError("--backbones is empty; give at least one timm model name")
         _check_subset("--heads", self.heads, HEADS)
@@ -194,6 +212,7 @@ class SearchConfig:
     def conflicts_with(self, stored: "SearchConfig") -> list[str]:
         """Names of search-defining fields whose values differ from the stored study's."""
         mine, theirs = self.to_dict(), stored.to_dict()
+        mine["dataset"], theirs["dataset"] = normalise_dataset(mine["dataset"]), normalise_dataset(theirs["dataset"])
         return [k for k in mine if k not in RUN_FIELDS and _normalise(mine[k]) != _normalise(theirs[k])]
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import leaderboard
 from .backbones import BackboneInfo, provider_for, weights_label, weights_request
-from .config import CONFIG_ATTR, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
+from .config import CONFIG_ATTR, DATASET_SCHEME, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
 from .data import ImageRef, PreparedData
 from .errors import UserError
 from .events import Lifecycle, TrialEvent
@@ -73,7 +73,7 @@ def default_study_name(dataset: str) -> str:
     if dataset.startswith("builtin:"):
         base = dataset.split(":", 1)[1]
     else:
-        scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(?![\\/])", dataset)  # wds:..., not C:\...
+        scheme = DATASET_SCHEME.match(dataset)  # wds:..., not C:\...
         path = Path((dataset[scheme.end():] if scheme else dataset).rstrip("/\\"))
         base = re.sub(r"\{[^}]*\}", "", path.name)
         base = re.sub(r"(\.tar\.gz|\.tgz|\.tar|\.csv)$", "", base, flags=re.IGNORECASE)
@@ -166,6 +166,7 @@ class Search:
     prepared: Prepared | None = field(init=False, default=None)
     created_study: bool = field(init=False, default=False)  # this process created the study (and opens it)
     kept: list[str] | None = field(init=False, default=None)  # the candidates --prerank kept
+    stop_reason: str = field(init=False, default="")  # why this process stopped running trials (one line)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.options.device)
@@ -266,8 +267,8 @@ class Search:
         elapsed_before = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
         timeout = None if self.config.timeout is None else self.config.timeout - elapsed_before
         if (self.config.trials is not None and finished >= self.config.trials) or (timeout is not None and timeout <= 0):
-            progress.say(f"budget already spent: {finished} finished trial(s), {elapsed_before:.0f}s searched; "
-                         "raise --trials or --timeout to continue")
+            self.stop_reason = (f"budget already spent: {finished} finished trial(s), {elapsed_before:.0f}s searched; "
+                                "raise --trials or --timeout to continue")
         else:
             if finished:
                 progress.say(f"resuming study {self.options.study_name!r}: {finished} finished trial(s) kept")
@@ -275,7 +276,8 @@ class Search:
                 self.prepared.release_data()  # each worker process loads its own copy; this one only supervises
                 launch(study)
             else:
-                self._optimize(study, progress, timeout, elapsed_before)
+                why = self._optimize(study, progress, timeout, elapsed_before)
+                self.stop_reason = stop_message(why, study, self.config)
         self.finish(study)
         return study
 
@@ -343,15 +345,15 @@ class Search:
                              "the backbone whose probe scored best on val; then the sampler")
         return queue
 
-    def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> None:
+    def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> str:
         from .worker import Budget, WorkerLoop, quiet_expected_failures, stop_on_sigterm
 
         quiet_expected_failures()
         restore = stop_on_sigterm()
         try:
-            WorkerLoop(lambda trial: self.objective(study, trial, progress), study,
-                       Budget(self.config.trials, timeout, elapsed_before), self.out, progress.say,
-                       self.options.heartbeat_s, self._follow_up(progress)).run()
+            return WorkerLoop(lambda trial: self.objective(study, trial, progress), study,
+                              Budget(self.config.trials, timeout, elapsed_before), self.out, progress.say,
+                              self.options.heartbeat_s, self._follow_up(progress)).run()
         finally:
             restore()
 
@@ -503,6 +505,22 @@ def write_scorer_tau(stored: dict, frame, out: Path) -> None:
     best = pd.to_numeric(complete["val_accuracy"], errors="coerce").groupby(complete["backbone"]).max()
     scores = pd.DataFrame(stored["table"])
     scorer_tau(scores, best, stored["scorers"]).to_csv(out / "scorer_tau.csv", index=False)
+
+
+def stop_message(why: str, study: optuna.Study, config: SearchConfig) -> str:
+    """Why the search stopped, in a line: the --trials budget, --timeout (checked between trials, so a
+    trial running at the limit ran to its end), an exhausted space, or failures."""
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    searched = float(study.user_attrs.get(ELAPSED_ATTR, 0.0))
+    if why == "trials":
+        return f"stopped: the --trials {config.trials} budget is spent ({finished} finished trials)"
+    if why == "timeout":
+        return (f"stopped: --timeout {config.timeout:g} s reached ({searched:.0f} s searched over all runs of the "
+                f"study, {finished} finished trials; the limit is checked between trials, so a trial running at it "
+                "ran to its end)")
+    if why == "exhausted":
+        return f"stopped early: the search space looks exhausted ({finished} finished trials); widen it"
+    return f"stopped early: too many trials failed in this run ({finished} finished trials)"
 
 
 def default_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:

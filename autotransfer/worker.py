@@ -39,6 +39,7 @@ POLL_S = 2.0
 SURPLUS = "surplus: other workers filled the --trials budget first; not run"
 INTERRUPTED = "interrupted"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STOPS = ("trials", "timeout", "exhausted", "failures")  # why a worker loop ends: the budget, --timeout, the space, errors
 
 
 class SurplusTrial(Exception):
@@ -143,21 +144,22 @@ class WorkerLoop:
         self.started = time.monotonic()
         self.failures = 0
         self.max_failures = max(3, self.trials or 10)
-        self.stopped = False
+        self.stopped = ""  # why the loop stopped early (STOPS), "" while it runs
         self.duplicates = 0  # in a row
         self.current: int | None = None  # the trial this worker runs, for Ctrl-C
         self.stopping: KeyboardInterrupt | None = None  # a Ctrl-C or SIGTERM seen inside a trial
 
-    def run(self) -> None:
+    def run(self) -> str:
+        """Run trials until the loop stops; returns why (one of STOPS)."""
         waiting_said = False
         while not self.stopped:
             fail_stale(self.study)
             self.before_trial(self.study)
             counts = tally(self.study.get_trials(deepcopy=False), self.grace_s)
             if self.trials is not None and counts.finished >= self.trials:
-                return
+                return "trials"
             if self.budget.timeout is not None and time.monotonic() - self.started >= self.budget.timeout:
-                return
+                return "timeout"
             if self.trials is not None and not counts.waiting and counts.finished + counts.running >= self.trials:
                 if not waiting_said:  # the budget is in other workers' hands unless one of them dies
                     self.say(f"waiting for {counts.running} trial(s) running in other workers")
@@ -166,6 +168,7 @@ class WorkerLoop:
                 continue
             waiting_said = False
             self._one_trial()
+        return self.stopped
 
     def _one_trial(self) -> None:
         try:
@@ -222,7 +225,7 @@ class WorkerLoop:
             if self.duplicates >= MAX_DUPLICATES:
                 self.say(f"stopping: {self.duplicates} draws in a row repeated configurations already "
                                   "tried; the search space looks exhausted (widen it, or lower --trials)")
-                self.stopped = True
+                self.stopped = "exhausted"
             return
         self.duplicates = 0
         if trial.state == TrialState.FAIL:
@@ -233,7 +236,7 @@ class WorkerLoop:
             self.say(f"trial {trial.number} failed: {reason or 'unknown error'}")
             if self.failures >= self.max_failures:
                 self.say(f"stopping: {self.failures} trials failed in this run")
-                self.stopped = True
+                self.stopped = "failures"
         elif trial.state == TrialState.PRUNED:
             self.say(f"trial {trial.number} pruned: {reason}")
         else:

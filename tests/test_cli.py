@@ -205,3 +205,46 @@ def test_hymenoptera_random_init_search(tmp_path):
     board = pd.read_csv(out / "leaderboard.csv")
     assert board.loc[0, "state"] == "COMPLETE" and board.loc[0, "pretrained"] == "random init"
     assert "Traceback" not in result.stderr
+
+
+def test_flags_are_never_abbreviated_and_unknown_ones_get_the_closest(capsys):
+    line = main_error(capsys, "search", "--dataset", "builtin:digits", "--trails", "3")
+    assert "unrecognized arguments: --trails 3" in line and "--trails: did you mean --trials?" in line
+    line = main_error(capsys, "search", "--dataset", "builtin:digits", "--backbone", "resnet18")  # not --backbones
+    assert "unrecognized arguments: --backbone resnet18" in line and "did you mean --backbones" in line
+    line = main_error(capsys, "bench", "run", "suite.toml", "--quite")  # the nested command's own flags
+    assert "did you mean --quiet?" in line
+    line = main_error(capsys, "search", "--dataset", "builtin:digits", "--zzz")
+    assert line.endswith("unrecognized arguments: --zzz (see --help)")  # nothing close: no guess
+
+
+@pytest.mark.slow
+def test_the_reason_a_search_stopped_is_always_said(tmp_path, capsys):
+    tiny = ["--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained", "--image-size", "16",
+            "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "s")]
+    assert main(["search", *tiny, "--trials", "1"]) == 0
+    assert "autotransfer: stopped: the --trials 1 budget is spent (1 finished trials)" in capsys.readouterr().err
+    assert main(["search", *tiny, "--trials", "1"]) == 0  # resumed with nothing left to run
+    assert "autotransfer: budget already spent: 1 finished trial(s)" in capsys.readouterr().err
+
+
+def test_a_worker_loop_says_it_stopped_on_the_timeout(tmp_path):
+    """--timeout is checked between trials: the loop ends after the trial that crossed it, and says so."""
+    import time
+
+    from autotransfer.search import stop_message
+    from autotransfer.config import SearchConfig
+    from autotransfer.worker import Budget, WorkerLoop
+
+    study = optuna.create_study(direction="maximize")
+    said: list[str] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        time.sleep(0.3)
+        return 0.5
+
+    why = WorkerLoop(objective, study, Budget(trials=50, timeout=0.2), tmp_path, said.append, 30).run()
+    assert why == "timeout" and len(study.trials) <= 1
+    message = stop_message(why, study, SearchConfig(dataset="x", timeout=0.2))
+    assert message.startswith("stopped: --timeout 0.2 s reached") and "a trial running at it ran to its end" in message
+    assert WorkerLoop(objective, study, Budget(trials=1), tmp_path, said.append, 30).run() == "trials"

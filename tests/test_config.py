@@ -375,3 +375,20 @@ def test_default_crop_is_the_pretrained_size_capped_on_cpu_and_at_four_times_the
     assert trial_inputs(info(224), 96, cpu, 500).image_size == 96  # --image-size wins
     assert trial_inputs(info(384, fixed=True), 96, cpu, 500).image_size == 384  # a fixed-size model keeps its own
     assert trial_inputs(info(224), None, cpu, 500).resize_size == 256  # 224 / crop_pct
+
+
+def test_a_dataset_path_is_stored_one_way_so_a_trailing_slash_resumes_the_study():
+    from autotransfer.config import normalise_dataset
+    from autotransfer.flags import given
+
+    assert normalise_dataset("../x/") == normalise_dataset("../x/.") == normalise_dataset("../x") == "../x"
+    for uri in ("builtin:digits:0-4", "wds:shards/train-{0..3}.tar"):
+        assert normalise_dataset(uri) == uri  # source URIs are not paths
+    assert given(SearchConfig, {"dataset": "data/images/"}) == {"dataset": "data/images"}  # as the flag reads it
+    stored = SearchConfig(dataset="data/images/").validate()
+    assert stored.dataset == "data/images"
+    assert SearchConfig.from_dict({**stored.to_dict(), "dataset": "data/images/"}).conflicts_with(stored) == []
+    older = SearchConfig(dataset="x")
+    older.dataset = "data/images/"  # a study stored before paths were normalised
+    assert SearchConfig(dataset="data/images").conflicts_with(older) == []
+    assert SearchConfig(dataset="data/other").conflicts_with(older) == ["dataset"]
