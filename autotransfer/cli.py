@@ -1,4 +1,5 @@
-"""The `autotransfer` command line: search, leaderboard, predict, plugins."""
+"""The `autotransfer` command line: search, worker, leaderboard, report, predict, export, pretrain, rank,
+plugins, bench."""
 
 from __future__ import annotations
 
@@ -151,10 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--study")
     p.add_argument("--format", choices=("md", "csv"), default="md")
+    p = sub.add_parser("report", help="rebuild a search's report.html from the storage (no dataset needed)")
+    p.add_argument("run_dir", nargs="?", help="a search's --out folder (its run.json names the storage and study)")
+    p.add_argument("--storage")
+    p.add_argument("--study")
+    p.add_argument("--out", help="folder to write report.html in (default RUN_DIR, else runs/<study>, whose best/ "
+                   "and confusion.json are read when no RUN_DIR is given)")
     p = sub.add_parser("predict", help="label images with a saved model", parents=[shared["device"], shared["plugin"]])
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--model", required=True, help="a saved model folder, e.g. runs/<study>/best")
     p.add_argument("--output", help="write path,label,confidence to this CSV instead of stdout")
+    p = sub.add_parser("export", help="export a saved model to ONNX or TorchScript for serving (checked against it)",
+                       parents=[shared["plugin"]])
+    p.add_argument("--model", required=True, help="a saved model folder, e.g. runs/<study>/best")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--output", help="the exported file (default: model.onnx or model.pt in --model); "
+                                    "its input contract goes beside it as <file>.json")
     _pretrain_parser(sub, shared)
     _rank_parser(sub, shared)
     sub.add_parser("plugins", help="list loaded plugins and what they register", parents=[shared["plugin"]])
@@ -176,7 +189,8 @@ def _bench_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     r = actions.add_parser("report", help="HTML + Markdown leaderboards, history and regression flags")
     r.add_argument("--results", default="benchmarks/results", help="store folder (default %(default)s)")
     r.add_argument("--suite", help="only this suite (default: every suite store in --results)")
-    r.add_argument("--out", default="report.html", help="HTML page; the Markdown twin goes beside it (.md)")
+    r.add_argument("--out", help="HTML page; the Markdown twin goes beside it (.md), its PNG plots in a folder "
+                                 "beside it (<name>-plots/) (default: report.html in --results)")
     r.add_argument("--threshold", type=float, default=2.0, help="accuracy drop flagged, in percentage points (default 2.0)")
     r.add_argument("--slowdown", type=float, default=0.25, help="wall-time growth flagged, as a fraction (default 0.25)")
 
@@ -231,15 +245,44 @@ def _search(args: argparse.Namespace) -> int:
         if local is not None:
             local.status()  # one line per failed worker, if any failed
         return _nothing_completed(frame, storage, study_name)
-    print(leaderboard.to_markdown(frame))
+    print(leaderboard.to_markdown(leaderboard.terminal(frame)))  # every column: leaderboard.md / .csv
     if frame["backbone"].nunique() > 1 or frame["pretrained"].nunique() > 1:
         print("\nbest per backbone:\n")
         print(leaderboard.to_markdown(leaderboard.per_backbone(frame)))
     print("\n" + selection_summary(study, frame, has_test=len(search.test_refs[0]) > 0, best_dir=out / "best"))
+    report = _write_report(search, study, out)
     if not options.quiet:
         print(f"\nleaderboard: {out / 'leaderboard.csv'}   best model: {out / 'best'}   "
-              f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
+              + (f"report: {report}   " if report is not None else "")
+              + f"tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
     return local.status() if local is not None else 0
+
+
+def _write_report(search, study, out: Path) -> Path | None:
+    """The search's report.html (report.py), with the chosen model's confusion matrices on the data this
+    search decoded (stored in confusion.json for rebuilds). Never fails the finished search: any error
+    is one warning line and no path."""
+    try:
+        from .model import CONFIG_FILE, read_card
+        from .report import compute_confusions, splits_again, store_confusions, write_report
+        from .search import BEST_DIR
+
+        best = out / BEST_DIR
+        if (best / CONFIG_FILE).is_file():
+            data, (refs, labels) = search.data, search.test_refs
+            if data is None:  # released to worker processes (--workers): decode val and test again
+                splits = splits_again(search.config, search.registries, read_card(best).decode_size)
+            else:
+                splits = {"val": data.val, **({"test": data.test} if data.test is not None else {})}
+            if "test" not in splits and len(refs):
+                splits["test"] = (refs, labels)
+            store_confusions(out, compute_confusions(best, splits, search.registries, search.device))
+        return write_report(study, out)
+    except Exception as exc:  # the search is done and its results are stored: a report is not worth failing it
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{PROG}: warning: report not written: {type(exc).__name__}{': ' + detail if detail else ''}",
+              file=sys.stderr)
+        return None
 
 
 def _nothing_completed(frame, storage: str, study_name: str) -> int:
@@ -314,34 +357,49 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    import optuna
-
     from . import leaderboard
-    from .search import RUN_FILE
 
-    storage, study_name = args.storage, args.study
-    if args.run_dir:
-        run_file = Path(args.run_dir) / RUN_FILE
-        if not run_file.is_file():
-            raise UserError(f"{args.run_dir} is not a search folder (no {RUN_FILE}); give --storage URL --study NAME")
-        stored = json.loads(run_file.read_text())
-        storage, study_name = storage or stored["storage"], study_name or stored["study"]
-    if not storage or not study_name:
-        raise UserError("give a run folder, or --storage URL and --study NAME")
-    from .storage import sqlite_missing
-
-    if sqlite_missing(storage):  # opening it would create an empty database file
-        raise UserError(f"no study database at {storage[len('sqlite:///'):]}; give the --storage of an existing "
-                        "search (or its run folder)")
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise UserError(f"no study {study_name!r} in {storage}") from None
+    study = _open_study(args.run_dir, args.storage, args.study)
     if args.run_dir:
         _score_run_on_test(study, Path(args.run_dir), args)
     frame = leaderboard.leaderboard_frame(study)
     print(frame.to_csv(index=False) if args.format == "csv" else leaderboard.to_markdown(frame))
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """`report RUN_DIR` or `report --storage URL --study NAME [--out DIR]`: report.html again, from the
+    storage and the run's confusion.json (report.py), without the dataset."""
+    from .report import write_report
+
+    study = _open_study(args.run_dir, args.storage, args.study)
+    out = Path(args.out or args.run_dir or Path("runs") / study.study_name)
+    print(f"wrote {write_report(study, out, run_dir=Path(args.run_dir) if args.run_dir else out)}")
+    return 0
+
+
+def _open_study(run_dir: str | None, storage: str | None, study_name: str | None):
+    """The study a run folder's run.json names (--storage/--study override it), refusing to create one."""
+    import optuna
+
+    from .search import RUN_FILE
+    from .storage import sqlite_missing
+
+    if run_dir:
+        run_file = Path(run_dir) / RUN_FILE
+        if not run_file.is_file():
+            raise UserError(f"{run_dir} is not a search folder (no {RUN_FILE}); give --storage URL --study NAME")
+        stored = json.loads(run_file.read_text())
+        storage, study_name = storage or stored["storage"], study_name or stored["study"]
+    if not storage or not study_name:
+        raise UserError("give a run folder, or --storage URL and --study NAME")
+    if sqlite_missing(storage):  # opening it would create an empty database file
+        raise UserError(f"no study database at {storage[len('sqlite:///'):]}; give the --storage of an existing "
+                        "search (or its run folder)")
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise UserError(f"no study {study_name!r} in {storage}") from None
 
 
 def _score_run_on_test(study, run_dir: Path, args: argparse.Namespace) -> None:
@@ -390,6 +448,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+    from .plugins import registries
+
+    done = export_model(Path(args.model), args.format, Path(args.output) if args.output else None,
+                        registries(tuple(args.plugin)))
+    print(f"wrote {done.path} (checked against the saved model: probabilities within {done.max_difference:.1e}) "
+          f"and its input contract {done.contract}", file=sys.stderr)
+    return 0
+
+
 def _rank(args: argparse.Namespace) -> int:
     from . import config as c
     from .flags import given
@@ -406,7 +475,8 @@ def _rank(args: argparse.Namespace) -> int:
     by = args.by or default_by(names)
     if by not in names:
         raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
-    results = score_backbones(prepare_search(config, found, resolve_device(args.device), out), names)
+    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    results = score_backbones(prepare_search(config, found, resolve_device(args.device), out, say=say), names, say=say)
     frame = rank_frame(results, names, by)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "rank.csv", index=False)
@@ -460,17 +530,20 @@ def _bench(args: argparse.Namespace) -> int:
                   "(same night or --run-id) to fill in the rest", file=sys.stderr)
             return 130
         return 0
-    from .bench.report import ReportRequest, write_report
+    from .bench.report import ReportRequest, plots_folder, write_report
 
-    html, markdown, flags = write_report(ReportRequest(results=Path(args.results), suite=args.suite, out=Path(args.out),
+    out = Path(args.out) if args.out else Path(args.results) / "report.html"
+    html, markdown, flags = write_report(ReportRequest(results=Path(args.results), suite=args.suite, out=out,
                                                        threshold=args.threshold, slowdown=args.slowdown))
-    print(f"wrote {html} and {markdown}; {len(flags)} regression(s)")
+    plots = sorted(plots_folder(html).glob("*.png")) if plots_folder(html).is_dir() else []
+    print(f"wrote {html}, {markdown} and {len(plots)} PNG plot(s) in {plots_folder(html)}/; {len(flags)} regression(s)")
     for flag in flags:
         print(f"REGRESSION {flag}")
     return 0
 
 
-COMMANDS = {"bench": _bench, "search": _search, "worker": _worker, "leaderboard": _leaderboard, "predict": _predict, "pretrain": _pretrain,
+COMMANDS = {"bench": _bench, "search": _search, "worker": _worker, "leaderboard": _leaderboard, "report": _report, "predict": _predict,
+            "export": _export, "pretrain": _pretrain,
             "rank": _rank, "plugins": _plugins}
 
 

@@ -15,9 +15,9 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from .record import TrialRecord
+from .record import INTERRUPTED, TrialRecord
 
-STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "INTERRUPTED": 4, "FAIL": 5}
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,22 @@ def _duration(row: Row) -> float | None:
     return round(duration, 2) if duration is not None else None
 
 
+def _interrupted(row: Row) -> bool:
+    return row.trial.state == TrialState.FAIL and row.record.reason.startswith(INTERRUPTED)
+
+
+def _state(row: Row) -> str:
+    """Optuna's state, except that a trial stopped by the user reads INTERRUPTED, not FAIL: it is no
+    failure, and it is not counted as one (Optuna stores it as FAIL so that it can be retried)."""
+    return "INTERRUPTED" if _interrupted(row) else row.trial.state.name
+
+
 def _reason(row: Row) -> str:
     """The recorded reason; a failed trial without one was failed by the storage's heartbeat check
     (its worker was killed, frozen or cut off before it could record anything)."""
     trial, reason = row.trial, row.record.reason
+    if _interrupted(row) and trial.number in row.retries:
+        return f"{INTERRUPTED}: stopped by the user; resumed from its checkpoint as trial {row.retries[trial.number]}"
     if reason or trial.state != TrialState.FAIL:
         return reason
     if trial.number in row.retries:
@@ -79,7 +91,7 @@ def _param(name: str) -> Callable[[Row], Any]:
 # The leaderboard, column by column (after "rank"): adding a column is adding its line here.
 TABLE = [
     Column("trial", lambda row: row.trial.number),
-    Column("state", lambda row: row.trial.state.name),
+    Column("state", _state),
     Column("val_accuracy", _accuracy),
     Column("test_accuracy", _test),
     Column("backbone", _param("backbone")),
@@ -143,24 +155,25 @@ BACKBONE_COLUMNS = ["backbone", "pretrained", "best_val_accuracy", "best_trial",
                     "mean_duration_s"]
 
 
+def group_best(group: pd.DataFrame) -> dict:
+    """A group of leaderboard rows in one summary: its best val accuracy and trial, and its counts."""
+    complete = group[group["state"] == "COMPLETE"]
+    accuracy = pd.to_numeric(complete["val_accuracy"], errors="coerce")
+    best = accuracy.idxmax() if accuracy.notna().any() else None
+    return {"best_val_accuracy": None if best is None else float(accuracy[best]),
+            "best_trial": None if best is None else int(complete.loc[best, "trial"]),
+            "complete": len(complete), "pruned": int((group["state"] == "PRUNED").sum()),
+            "failed": int((group["state"] == "FAIL").sum())}
+
+
 def per_backbone(frame: pd.DataFrame) -> pd.DataFrame:
     """Best validation accuracy reached by each (backbone, weights) pair: the comparison a transfer
     search is for, e.g. an in-house pretrained source against random init."""
     if frame.empty:
         return pd.DataFrame(columns=BACKBONE_COLUMNS)
-    rows = []
-    for (backbone, pretrained), group in frame.groupby(["backbone", "pretrained"], sort=False, dropna=False):
-        complete = group[group["state"] == "COMPLETE"]
-        accuracy = pd.to_numeric(complete["val_accuracy"], errors="coerce")
-        best = accuracy.idxmax() if accuracy.notna().any() else None
-        rows.append({
-            "backbone": backbone, "pretrained": pretrained,
-            "best_val_accuracy": None if best is None else float(accuracy[best]),
-            "best_trial": None if best is None else int(complete.loc[best, "trial"]),
-            "complete": len(complete), "pruned": int((group["state"] == "PRUNED").sum()),
-            "failed": int((group["state"] == "FAIL").sum()),
-            "mean_duration_s": round(float(pd.to_numeric(group["duration_s"], errors="coerce").mean()), 2),
-        })
+    rows = [{"backbone": backbone, "pretrained": pretrained, **group_best(group),
+             "mean_duration_s": round(float(pd.to_numeric(group["duration_s"], errors="coerce").mean()), 2)}
+            for (backbone, pretrained), group in frame.groupby(["backbone", "pretrained"], sort=False, dropna=False)]
     table = pd.DataFrame(rows, columns=BACKBONE_COLUMNS)
     table["_acc"] = pd.to_numeric(table["best_val_accuracy"], errors="coerce").fillna(-1.0)
     table = table.sort_values("_acc", ascending=False, kind="stable").drop(columns="_acc").reset_index(drop=True)
@@ -168,9 +181,43 @@ def per_backbone(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+TERMINAL_COLUMNS = ["rank", "trial", "state", "val_accuracy", "test_accuracy", "backbone", "pretrained", "frozen",
+                    "head", "lr", "optimizer", "epochs", "duration_s", "reason"]
+TERMINAL_NAMES = {"val_accuracy": "val_acc", "test_accuracy": "test_acc", "pretrained": "weights", "duration_s": "s",
+                  "optimizer": "opt"}
+REASON_WIDTH = 48
+
+
+def terminal(frame: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as a terminal shows it: the columns a choice is read from, frozen depth as k/n,
+    the head in one word, the reason of failed and interrupted trials cut short (leaderboard.csv and .md
+    keep every column, in full)."""
+    if frame.empty:
+        return pd.DataFrame(columns=TERMINAL_COLUMNS)
+    shown = frame.copy()
+    shown["frozen"] = [f"{f}/{n}" if pd.notna(f) and pd.notna(n) else ("" if pd.isna(f) else str(f))
+                       for f, n in zip(shown["frozen_stages"], shown["num_stages"])]
+    shown["head"] = [_head_word(row) for row in shown.itertuples()]
+    shown["reason"] = ["" if state in ("COMPLETE", "PRUNED") or not isinstance(r, str)  # pruned: `epochs` says when
+                       else r if len(r) <= REASON_WIDTH else r[:REASON_WIDTH - 3] + "..."
+                       for state, r in zip(shown["state"], shown["reason"])]
+    return shown[TERMINAL_COLUMNS].rename(columns=TERMINAL_NAMES)
+
+
+def _head_word(row) -> str:
+    if not isinstance(row.head, str):
+        return ""
+    fully_frozen = pd.notna(row.frozen_stages) and pd.notna(row.num_stages) and row.frozen_stages == row.num_stages
+    if row.head_init == "probe" and fully_frozen:
+        return "probe" + (" (stages)" if row.features == "stages" else "")
+    word = row.head + (f"({int(row.head_hidden)})" if row.head == "mlp" and pd.notna(row.head_hidden) else "")
+    return word + (" lp-ft" if row.head_init == "probe" else "")
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     shown = frame.copy()
-    formats = {"val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "best_val_accuracy": "{:.4f}", "lr": "{:.2e}", "head_dropout": "{:.2f}"}
+    formats = {"val_accuracy": "{:.4f}", "test_accuracy": "{:.4f}", "best_val_accuracy": "{:.4f}", "lr": "{:.2e}",
+               "head_dropout": "{:.2f}", "val_acc": "{:.4f}", "test_acc": "{:.4f}", "s": "{:.1f}"}
     for column, fmt in formats.items():
         if column in shown:
             shown[column] = pd.to_numeric(shown[column], errors="coerce").map(

@@ -82,6 +82,13 @@ class ModelCard:
     test_images: int | None = None
     features: str = "final"  # what the head reads: the final pooled features, or every stage's (multilevel.py)
     trainable_params: int | None = None  # what the trial trained: its size to selection.py
+    architecture: str | None = None  # the timm/plugin name that rebuilds the module (a checkpoint backbone's
+    # architecture); None: `backbone` itself. The weights are all in model.safetensors, so a copied folder loads
+    # anywhere without the checkpoint folder it was trained from.
+
+    @property
+    def rebuilt_from(self) -> str:
+        return self.architecture or self.backbone
 
     @property
     def num_classes(self) -> int:
@@ -125,8 +132,8 @@ def load_model(directory: Path, registries) -> tuple[TransferModel, ModelCard]:
         raise UserError(f"{directory} is not a saved autotransfer model (expected {CONFIG_FILE} and {MODEL_FILE}); "
                         "point --model at a search's best/ folder")
     card = read_card(directory)
-    provider = provider_for(card.backbone, registries)
-    backbone = provider.create(card.backbone, WeightsRequest(pretrained=False))
+    provider = provider_for(card.rebuilt_from, registries)
+    backbone = provider.create(card.rebuilt_from, WeightsRequest(pretrained=False))
     try:
         if card.features == "stages":
             backbone = with_stage_features(backbone, card.image_size)
@@ -182,6 +189,8 @@ def read_card(directory: Path) -> ModelCard:
         raise UserError(f"{path}: features must be one of {', '.join(FEATURES)}, got {card.features!r}")
     if not isinstance(card.head, dict) or not isinstance(card.backbone, str):
         raise UserError(f"{path}: backbone must be a name and head an object, got {card.backbone!r}, {card.head!r}")
+    if card.architecture is not None and not isinstance(card.architecture, str):
+        raise UserError(f"{path}: architecture must be a model name, got {card.architecture!r}")
     for name in ("mean", "std"):
         value = getattr(card, name)
         if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):

@@ -91,4 +91,4 @@ def with_stage_features(backbone: Backbone, image_size: int) -> Backbone:
     finally:
         wrapped.train(training)
     stages = [[f"module.{name}" for name in stage] for stage in backbone.stages]
-    return Backbone(wrapped, int(width), stages, backbone.preprocessing, backbone.source)
+    return Backbone(wrapped, int(width), stages, backbone.preprocessing, backbone.source, backbone.architecture)

@@ -11,17 +11,20 @@ Invariant: a `Prepared` is data handed down; nothing in it calls back into the d
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .backbones import BackboneInfo, WeightsRequest, provider_for, weights_request
+from .backbones.weights import ways_out
 from .config import CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
 from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
 from .devices import available_memory
-from .errors import UserError
+from .errors import UserError, WeightsUnavailable
 from .plugins import Registries
 from .trainer import TrialInputs
 
@@ -48,13 +51,25 @@ class Prepared:
     def weights_for(self, backbone: str) -> WeightsRequest:
         return weights_request(self.config, backbone)
 
+    def header(self) -> str:
+        """One line before trial 0: the data, the candidates and the budget."""
+        data, config = self.data, self.config
+        test = f" / {len(self.test_refs[0])} test" if len(self.test_refs[0]) else ""
+        crops = sorted({self.inputs_for(name).image_size for name in self.infos})
+        budget = " and ".join(part for part in (f"{config.trials} trials" if config.trials else "",
+                                                f"{config.timeout:g}s" if config.timeout else "") if part) or "no limit"
+        return (f"{data.name}: {len(data.train)} train / {len(data.val)} val{test} images, {data.num_classes} classes; "
+                f"{len(self.infos)} backbone(s) at {'/'.join(map(str, crops))} px; {budget} of up to {config.epochs} "
+                f"epoch(s) on {self.device.type}")
+
     def release_data(self) -> None:
         self.data = None
 
 
 def prepare_search(config: SearchConfig, registries: Registries, device: torch.device, out: Path,
-                   memory_budget: int | None = None) -> Prepared:
-    """Check and load everything a search needs, in the order that fails fastest on bad input."""
+                   memory_budget: int | None = None, say: Callable[[str], None] = lambda message: None) -> Prepared:
+    """Check and load everything a search needs, in the order that fails fastest on bad input; `say`
+    gets a line as each slow step (weights, decoding) starts, so a run is never silent."""
     if config.prerank is not None:
         registries.scorer(config.prerank)  # a typo fails before anything is stored
     infos = {name: provider_for(name, registries).describe(name) for name in config.backbones}
@@ -65,17 +80,39 @@ def prepare_search(config: SearchConfig, registries: Registries, device: torch.d
     native = native_size([r for i, r in enumerate(refs.refs)  # test images choose nothing, not even this
                           if refs.splits is None or refs.splits[i] != "test"])
     prepared = Prepared(config, device, registries, Path(out), infos, None, native, test_refs=refs.split_refs("test"))
+    load_weights(prepared, say)
     decode_size = max(prepared.inputs_for(name).resize_size for name in infos)
     check_memory(len(refs.refs), decode_size, max(prepared.inputs_for(name).image_size for name in infos),
                  config.batch_size, available_memory())
+    say(f"decoding {len(refs.refs)} images of {refs.name} at {decode_size} px")
+    started = time.perf_counter()
     prepared.data = prepare(refs, decode_size, val_fraction=config.val_fraction, seed=config.seed,
                             memory_budget=memory_budget)
-    for name in config.backbones:  # read every weight file / hub entry once, before trial 0
-        backbone = provider_for(name, registries).create(name, prepared.weights_for(name))
+    say(f"decoded in {time.perf_counter() - started:.1f}s")
+    return prepared
+
+
+def load_weights(prepared: Prepared, say: Callable[[str], None] = lambda message: None) -> None:
+    """Read every backbone's weights once, before any image is decoded; when some cannot be had, one
+    error lists every one of them (a line each), not only the first."""
+    missing: list[WeightsUnavailable] = []
+    for name in prepared.config.backbones:
+        say(f"loading {name} ({prepared.weights_for(name).label})")
+        try:
+            backbone = provider_for(name, prepared.registries).create(name, prepared.weights_for(name))
+        except WeightsUnavailable as exc:
+            missing.append(exc)
+            continue
         prepared.sources[name] = backbone.source
         if prepared.inputs_for(name).image_size < PROBE_BELOW_PX:
             check_takes_size(name, backbone.module, prepared.inputs_for(name).image_size)
-    return prepared
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        lines = [str(exc).split("; ways out:")[0] for exc in missing]
+        ways = ways_out("NAME") if any("; ways out:" in str(exc) for exc in missing) else ""
+        raise WeightsUnavailable(f"weights for {len(missing)} of {len(prepared.config.backbones)} backbones cannot be "
+                                 "had:\n  " + "\n  ".join(lines) + (f"\n{ways}" if ways else ""))
 
 
 def trial_inputs(info: BackboneInfo, image_size: int | None, device: torch.device, native_size: int) -> TrialInputs:

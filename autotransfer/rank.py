@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -58,10 +58,10 @@ def check_scorers(registries, names: list[str]) -> list:
     return [registries.scorer(name) for name in names]
 
 
-def score_backbones(prepared: Prepared, scorer_names: list[str],
-                    backbones: list[str] | None = None) -> list[BackboneScores]:
+def score_backbones(prepared: Prepared, scorer_names: list[str], backbones: list[str] | None = None,
+                    say: Callable[[str], None] = lambda message: None) -> list[BackboneScores]:
     """Score every backbone of a prepared search (prepared.py) on its training split; features are cached
-    under the run folder, keyed by weights, pixels and preprocessing."""
+    under the run folder, keyed by weights, pixels and preprocessing. `say` gets a line per backbone."""
 
     scorers = check_scorers(prepared.registries, scorer_names)
     cache = FeatureCache(prepared.out / FEATURES_DIR)
@@ -73,8 +73,10 @@ def score_backbones(prepared: Prepared, scorer_names: list[str],
         head = provider.source_classifier(name, request) if hasattr(provider, "source_classifier") else None
         inputs = prepared.inputs_for(name)
         images = prepared.data.train.at_size(inputs.resize_size)
+        say(f"scoring {name}: features of {len(images)} train images at {inputs.image_size} px")
         found = extract(backbone.module, head, images, inputs, prepared.device, cache,
                         meta={"backbone": name, "weights": backbone.source})
+        say(f"  {name}: features {'read from the cache' if found.cached else f'extracted in {found.seconds:.1f}s'}")
         result = BackboneScores(name, weights_label(request, backbone.source), backbone.num_features,
                                 found.seconds, found.cached)
         for scorer in scorers:

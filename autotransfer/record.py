@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Protocol
 
+INTERRUPTED = "interrupted"  # how the reason of a trial stopped by Ctrl-C or SIGTERM starts (worker.py)
+
 # -- on the study
 CONFIG_KEY = "autotransfer_config"  # the search's settings, which define the study (config.SearchConfig)
 PRERANK_KEY = "autotransfer_prerank"  # --prerank's scores and the candidates it kept

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from .plugins import plugin_manager, registries
 from .resilience import TrialTakenOver, fit_trial, publish_best
 from .portfolio import FOLLOW_UP_ATTR, KINDS, Opening
 from .devices import release_memory, resolve_device
+from .display import Display, make_display
 from .prepared import Prepared, prepare_search
-from .record import PRERANK_KEY, write
+from .record import PRERANK_KEY, TrialRecord, write
 from .space import PeerMedianPruner, ProbeOnce, TrialParams, first_trial, suggest
 from .storage import DEFAULT_HEARTBEAT_S, open_storage, sqlite_missing
 from .tracking import TrialLog
@@ -117,39 +117,6 @@ def merge_config(explicit: dict, stored: SearchConfig | None) -> SearchConfig:
     return merged.validate()
 
 
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    """Trial, epoch and current best on stderr; silent with --quiet."""
-
-    def __init__(self, quiet: bool, total: int | None):
-        self.quiet, self.total = quiet, total
-
-    def say(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    def trial_started(self, number: int, params: TrialParams) -> None:
-        head = params.head.kind + (f"({params.head.hidden}, p={params.head.dropout:.2f})" if params.head.kind == "mlp" else "")
-        if params.probe:
-            features = " on every stage's features" if params.features == "stages" else ""
-            self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
-                     f"head linear: logistic-regression probe{features} "
-                     f"({'C by CV on train' if params.probe_c is None else f'C {params.probe_c:g}'})")
-            return
-        start = " from the probe (LP-FT)" if params.head_init == "probe" else ""
-        self.say(f"trial {number}: {params.backbone} frozen {params.frozen_stages}/{params.num_stages} "
-                 f"head {head}{start} {params.optimizer} lr {params.lr:.2e}")
-
-    def path(self, number: int, mode: str, note: str) -> None:
-        self.say(f"  trial {number}: {mode} path" + (f" ({note})" if note else ""))
-
-    def epoch(self, number: int, stats: EpochStats, epochs: int, best: float | None) -> None:
-        best_text = "-" if best is None else f"{best:.4f}"
-        self.say(f"  trial {number} epoch {stats.epoch}/{epochs}: loss {stats.train_loss:.4f} "
-                 f"val_acc {stats.val_accuracy:.4f} ({stats.seconds:.1f}s) best {best_text}")
-
-
 # --------------------------------------------------------------------------- the search
 
 @dataclass
@@ -178,8 +145,9 @@ class Search:
             memory=self.config.cache_memory or default_cache_memory(), folder=self.out / FEATURES_DIR))
 
     # -- preparation: everything that can fail on bad input happens before any trial runs
-    def prepare(self) -> Prepared:
-        self.prepared = prepare_search(self.config, self.registries, self.device, self.out, self.options.memory_budget)
+    def prepare(self, say: Callable[[str], None] = lambda message: None) -> Prepared:
+        self.prepared = prepare_search(self.config, self.registries, self.device, self.out, self.options.memory_budget,
+                                       say=say)
         return self.prepared
 
     @property
@@ -257,9 +225,18 @@ class Search:
     def run(self, launch: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
         """Prepare, open the study and run trials in this process, or hand the study to `launch`
         (local worker processes) once it is ready."""
-        self.prepare()
+        from .launch import is_supervised
+
+        progress = make_display(self.options.quiet, self.config.trials, live=False if is_supervised() else None)
+        try:
+            return self._run(launch, progress)
+        finally:
+            progress.close()
+
+    def _run(self, launch: Callable[[optuna.Study], None] | None, progress: Display) -> optuna.Study:
+        self.prepare(progress.say)
+        progress.say(self.prepared.header())
         study = self.open_study()
-        progress = Progress(self.options.quiet, self.config.trials)
         self.kept = self.prerank(study, progress) if self.config.prerank else None
         if self.created_study and self.config.portfolio:
             self.open_with_portfolio(study, progress)
@@ -272,6 +249,9 @@ class Search:
         else:
             if finished:
                 progress.say(f"resuming study {self.options.study_name!r}: {finished} finished trial(s) kept")
+            if launch is None:
+                progress.finished = finished
+                progress.trial_finished(finished, _best(study))
             if launch is not None:
                 self.prepared.release_data()  # each worker process loads its own copy; this one only supervises
                 launch(study)
@@ -282,7 +262,7 @@ class Search:
         return study
 
     # -- scorer-guided search
-    def prerank(self, study: optuna.Study, progress: Progress) -> list[str]:
+    def prerank(self, study: optuna.Study, progress: Display) -> list[str]:
         """Score every candidate once (stored in the study, so a resumed or joining worker reuses
         the choice), keep the top k by --prerank, and open with one sensible trial per kept one."""
         from .rank import default_scorers, rank_frame, score_backbones, to_markdown, top_k
@@ -294,7 +274,7 @@ class Search:
         names = [by, *[name for name in default_scorers(self.registries) if name != by]]
         self.registries.scorer(by)  # an unknown --prerank fails here, before any extraction
         progress.say(f"pre-ranking {len(self.config.backbones)} backbones with {', '.join(names)}")
-        results = score_backbones(self.prepared, names)
+        results = score_backbones(self.prepared, names, say=progress.say)
         frame = rank_frame(results, names, by)
         kept = top_k(results, by, self.config.top_k)
         frame.insert(1, "kept", frame["backbone"].isin(kept))
@@ -315,7 +295,7 @@ class Search:
         return Opening(self.config, names, {name: self.infos[name].num_stages for name in names},
                        {name: self.prepared.sources.get(name, RANDOM_WEIGHTS) != "random init" for name in names})
 
-    def open_with_portfolio(self, study: optuna.Study, progress: Progress) -> None:
+    def open_with_portfolio(self, study: optuna.Study, progress: Display) -> None:
         """Queue the opening's first stage (the probes; everything when nothing can be probed). Only the
         process that created the study does this; the second stage is queued by the worker loop once due."""
         queue, cut = self.opening().queue_first(study)
@@ -328,7 +308,7 @@ class Search:
                          (f" ({cut} more left out: --trials {self.config.trials})" if cut else then) +
                          " (--no-portfolio to start with the sampler)")
 
-    def _follow_up(self, progress: Progress) -> Callable[[optuna.Study], None]:
+    def _follow_up(self, progress: Display) -> Callable[[optuna.Study], None]:
         """What the worker loop runs before each trial: queue the opening's second stage once it is due.
         Once the study says it is queued (by this worker or another), later calls read nothing."""
         opening, settled = self.opening(), not self.config.portfolio
@@ -345,7 +325,7 @@ class Search:
                              "the backbone whose probe scored best on val; then the sampler")
         return queue
 
-    def _optimize(self, study: optuna.Study, progress: Progress, timeout: float | None, elapsed_before: float) -> str:
+    def _optimize(self, study: optuna.Study, progress: Display, timeout: float | None, elapsed_before: float) -> str:
         from .worker import Budget, WorkerLoop, quiet_expected_failures, stop_on_sigterm
 
         quiet_expected_failures()
@@ -353,11 +333,13 @@ class Search:
         try:
             return WorkerLoop(lambda trial: self.objective(study, trial, progress), study,
                               Budget(self.config.trials, timeout, elapsed_before), self.out, progress.say,
-                              self.options.heartbeat_s, self._follow_up(progress)).run()
+                              self.options.heartbeat_s, self._follow_up(progress),
+                              lambda study: progress.trial_finished(len(study.get_trials(deepcopy=False, states=FINISHED)),
+                                                                    _best(study))).run()
         finally:
             restore()
 
-    def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Progress) -> float:
+    def objective(self, study: optuna.Study, trial: optuna.Trial, progress: Display) -> float:
         from .worker import DuplicateTrial, duplicate_of
 
         params = suggest(trial, self.config, lambda name: self.infos[name].num_stages, getattr(self, "kept", None))
@@ -371,12 +353,17 @@ class Search:
         write(trial, frozen_stages=params.frozen_stages, num_stages=params.num_stages, pretrained=request.label,
               image_size=inputs.image_size, head_init=params.head_init)
         progress.trial_started(trial.number, params)
+        first = TrialRecord.of(trial).checkpoint_key
+        if first is not None and first != trial.number:  # a retry (Ctrl-C, a stopped worker): say whose work it goes on with
+            progress.say(f"  trial {trial.number}: continues trial {first} (interrupted, or its worker stopped), "
+                         "from its last checkpoint when one was kept")
         event = TrialEvent(self.options.study_name, self.options.storage, trial.number,
                            _hparams(params, request.label), self.out)
         self.lifecycle.trial_started(event)
         tracker = TrialLog(self.out / "tensorboard", trial.number)
         start = time.perf_counter()
         state, value, model, reason, path, taken = "FAIL", None, None, None, None, False
+        reached: float | None = None  # the last epoch's val accuracy so far
         try:
             backbone = provider_for(params.backbone, self.registries).create(params.backbone, request)
             identity: tuple = (params.backbone, request)  # names the frozen tensors, for the caches
@@ -396,6 +383,8 @@ class Search:
                 model.keep_norm_statistics()  # the probe was fitted to features made with them
 
             def on_epoch(stats: EpochStats) -> None:
+                nonlocal reached
+                reached = stats.val_accuracy
                 tracker.epoch(stats)
                 write(trial, epochs_done=stats.epoch)
                 if stats.probe_c is not None:
@@ -404,7 +393,8 @@ class Search:
                     trial.report(stats.val_accuracy, stats.epoch)
                 progress.epoch(trial.number, stats, 1 if params.probe else self.config.epochs, _best_value(study))
                 self.lifecycle.epoch_ended(event, stats)
-                if not params.probe and trial.should_prune():
+                # After the last epoch there is nothing left to save by stopping: the trial completes.
+                if not params.probe and stats.epoch < self.config.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} ({self.config.pruner}) "
                                              f"with val_acc {stats.val_accuracy:.4f}")
 
@@ -420,13 +410,14 @@ class Search:
                 write(trial, cache_note=path.note)
             progress.path(trial.number, path.mode, path.note)
             history = fit_trial(self.out, trial, model, path, on_epoch)
-            value = history[-1].val_accuracy
+            value = history[-1].val_accuracy  # the last epoch: what the saved weights give (README, "A trial's value")
             card = ModelCard(  # best/ takes it if it beats the chosen model (selection.py)
                 backbone=params.backbone, weights_source=backbone.source, pretrained=backbone.source != "random init",
                 head=params.head.to_dict(), frozen_stages=params.frozen_stages, class_names=self.data.class_names,
                 image_size=inputs.image_size, resize_size=inputs.resize_size, decode_size=self.data.decode_size,
                 mean=list(inputs.mean), std=list(inputs.std), val_accuracy=value, val_images=len(self.data.val),
-                trial=trial.number, features=params.features, trainable_params=trainable)
+                trial=trial.number, features=params.features, trainable_params=trainable,
+                architecture=backbone.architecture)
             publish_best(study, model, card, self.out / BEST_DIR,
                          self.out / BEST_HISTORY_DIR if self.options.best_history else None)
             state = "COMPLETE"
@@ -455,7 +446,8 @@ class Search:
                 if reason is not None:
                     write(trial, reason=reason)
                 write(trial, duration_s=round(duration, 3))
-            tracker.finish(_hparams(params, request.label), value, state)
+            # A pruned trial's HParams row shows where it stood when it was stopped, not NaN.
+            tracker.finish(_hparams(params, request.label), value if value is not None else reached, state)
             self.lifecycle.trial_finished(event, state, value, reason)
             del model, path
             if self.device.type == "cuda":  # give the GPU memory back now; on CPU, refcounting frees the model
@@ -530,6 +522,15 @@ def default_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def _best(study: optuna.Study) -> tuple[float, int] | None:
+    """(value, trial number) of the best complete trial so far, for the display."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    return float(best.value), best.number
 
 
 def _best_value(study: optuna.Study) -> float | None:

@@ -13,6 +13,7 @@ trial's last per-epoch checkpoint (`resilience.fit`).
 from __future__ import annotations
 
 import logging
+import re
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .record import ELAPSED_KEY, TrialRecord, key, write
+from .record import ELAPSED_KEY, INTERRUPTED, TrialRecord, key, write
 from .resilience import TrialStateStore, TrialTakenOver, checkpoint_key
 from .storage import grace_period
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 WORKER_ATTR = key("worker")  # host:pid of the process running the trial; marks trials that send heartbeats
 POLL_S = 2.0
 SURPLUS = "surplus: other workers filled the --trials budget first; not run"
-INTERRUPTED = "interrupted"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STOPS = ("trials", "timeout", "exhausted", "failures")  # why a worker loop ends: the budget, --timeout, the space, errors
 
@@ -137,6 +137,7 @@ class WorkerLoop:
     say: Callable[[str], None]
     heartbeat_s: int
     before_trial: Callable[[optuna.Study], None] = lambda study: None  # e.g. queue the opening's next stage
+    after_trial: Callable[[optuna.Study], None] = lambda study: None  # e.g. update a progress display
 
     def __post_init__(self) -> None:
         self.trials: int | None = self.budget.trials
@@ -215,6 +216,12 @@ class WorkerLoop:
             raise
 
     def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        try:
+            self._tell(study, trial)
+        finally:
+            self.after_trial(study)
+
+    def _tell(self, study: optuna.Study, trial: FrozenTrial) -> None:
         study.set_user_attr(ELAPSED_ATTR, self.budget.elapsed_before + time.monotonic() - self.started)
         reason = TrialRecord.of(trial).reason
         if reason != SURPLUS and not reason.startswith(DUPLICATE):
@@ -266,13 +273,20 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+_FAILED_WITH_VALUE = re.compile(r"Trial \d+ failed with value ")
+
+
 class _QuietExpectedFailures(logging.Filter):
     """Optuna logs every failed trial with its traceback; a surplus, duplicate, interrupted or taken-over
     trial is no error (the worker says what happened in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (SurplusTrial, DuplicateTrial, KeyboardInterrupt, TrialTakenOver))
+        if isinstance(error, (SurplusTrial, DuplicateTrial, KeyboardInterrupt, TrialTakenOver)):
+            return False
+        # Optuna's second line about a failure ("Trial 3 failed with value None."): the worker's own line
+        # says what happened (failed with its reason, interrupted, not run), so this one only misleads.
+        return not _FAILED_WITH_VALUE.match(record.getMessage())
 
 
 def quiet_expected_failures() -> None:

@@ -6,6 +6,7 @@ Import them by name (`from conftest import run_cli`): pytest puts this folder on
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # real datasets and weights; tests that need them skip without it
 CLI_TIMEOUT_S = 300
+# The preparation's progress lines (display.py; prepared.py, rank.py), which may precede an error found
+# after them: they are not part of the error, and nothing else may stand beside it.
+PROGRESS = re.compile(r"(loading \S+ \((random init|pretrained|file)\)|decoding \d+ images of .+ at \d+ px|"
+                      r"decoded in [\d.]+s|scoring \S+: features of \d+ train images at \d+ px|  \S+: features .+)$")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's lines without the progress lines; every other line is kept."""
+    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS.fullmatch(line)]
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -24,7 +34,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The error of a run that must fail as bad input: exit status 2, one line, no traceback."""
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
 
@@ -40,6 +50,6 @@ def main_error(capsys, *args: str) -> str:
         code = exit.code
     stderr = capsys.readouterr().err
     assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]

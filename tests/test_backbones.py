@@ -76,11 +76,12 @@ def _distinctive_state(model_name: str, seed: int, **kwargs) -> dict[str, torch.
     return state
 
 
-def _run_python(code: str, hf_home: Path) -> subprocess.CompletedProcess:
+def _run_python(code: str, hf_home: Path, **overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_CACHE")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(overrides)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
@@ -329,11 +330,16 @@ HUB_CHECK = """
 
 
 @pytest.mark.slow
-def test_pretrained_weights_from_offline_hf_cache(tmp_path):
+@pytest.mark.parametrize("env", [{}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "hub-unreachable"])
+def test_pretrained_weights_from_offline_hf_cache(tmp_path, env):
+    """HF_HUB_OFFLINE set, or not set with a hub that cannot be reached: the cached file is loaded,
+    without a retried request (backbones/hub.py)."""
     hf_home = tmp_path / "hf"
     file = _hf_cache(hf_home, _distinctive_state("test_resnet", seed=99))
-    result = _run_python(HUB_CHECK % {"file": str(file), "model": HUB_MODEL}, hf_home)
+    result = _run_python(HUB_CHECK % {"file": str(file), "model": HUB_MODEL}, hf_home, **env)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Retry" not in result.stderr, result.stderr
     assert result.stdout.split()[:2] == ["OK", str(len(load_file(str(file))) - 2)], result.stdout
     assert "hf-hub:timm/test_resnet.r160_in1k" in result.stdout
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,10 @@ def report(results: Path, *extra: str) -> tuple[str, str, list[str]]:
     out = results / "r.html"
     assert main(["bench", "report", "--results", str(results), "--suite", "fixed", "--out", str(out), *extra]) == 0
     markdown = out.with_suffix(".md").read_text()
+    # The Markdown's plots are files in r-plots/ beside it, each one it links, and nothing else was written.
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert links and all(link.startswith("r-plots/") and (results / link).is_file() for link in links)
+    assert sorted(p.name for p in (results / "r-plots").iterdir()) == sorted(Path(link).name for link in set(links))
     return out.read_text(), markdown, [line for line in markdown.splitlines() if line.startswith("- REGRESSION")]
 
 
@@ -198,3 +203,15 @@ def test_a_store_from_before_the_test_split_still_reports_on_val(tmp_path):
     assert leaderboard(markdown)[1][:4] == ["1", "m", "n/a", "90.00 ± 0.00"] and flags == []
     assert page.count("data:image/png;base64,") == 2
     assert (tmp_path / "fixed.csv").read_text().splitlines()[0] == ",".join(BEFORE_TEST)  # reading rewrites nothing
+
+
+def test_the_report_goes_into_the_results_folder_and_says_what_it_wrote(tmp_path, capsys, monkeypatch):
+    write(tmp_path, [cell(NIGHT1, "m", 0.9, 0.9, curve=[[1.0, 0.9, 0.9]])])
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing lands in the current folder
+    before = set(Path.cwd().iterdir())
+    assert main(["bench", "report", "--results", str(tmp_path), "--suite", "fixed"]) == 0
+    printed = capsys.readouterr().out
+    assert set(Path.cwd().iterdir()) == before
+    for path in (tmp_path / "report.html", tmp_path / "report.md", tmp_path / "report-plots"):
+        assert path.exists() and str(path) in printed

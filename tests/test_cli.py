@@ -14,7 +14,7 @@ from PIL import Image
 
 from autotransfer.cli import main
 from autotransfer.leaderboard import COLUMNS
-from conftest import SHARED, main_error, run_cli
+from conftest import SHARED, error_lines, main_error, one_line_error, run_cli
 
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 needs_shared = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} is absent (no ../shared beside the checkout)")
@@ -33,6 +33,11 @@ def test_digits_search_writes_outputs_and_resumes(tmp_path, capsys):
     assert main([*args, "--trials", "6"]) == 0
     printed = capsys.readouterr().out
     assert "| rank" in printed and "test_" in printed
+    from autotransfer.leaderboard import TERMINAL_COLUMNS, TERMINAL_NAMES
+
+    header = next(line for line in printed.splitlines() if line.startswith("| rank"))  # compact: leaderboard.md is full
+    assert [c.strip() for c in header.strip("|").split("|")] == [TERMINAL_NAMES.get(c, c) for c in TERMINAL_COLUMNS]
+    assert max(len(line) for line in printed.splitlines() if line.startswith("|")) < 180
 
     frame = pd.read_csv(out / "leaderboard.csv")
     assert list(frame.columns[: len(COLUMNS)]) == COLUMNS
@@ -188,10 +193,28 @@ def test_unavailable_pretrained_weights_stop_with_ways_out(tmp_path):
                      "--trials", "1", "--epochs", "1", "--out", str(tmp_path / "w"),
                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1
+    message = one_line_error(result)
     for needle in ("test_resnet.r160_in1k", "HF_HUB_OFFLINE", "--weights", "Hugging Face cache", "--no-pretrained"):
         assert needle in message
+
+
+@pytest.mark.slow
+def test_unreachable_hub_lists_every_default_backbone_without_retrying(tmp_path):
+    """No network and an empty cache: one quick request, no huggingface_hub retries, and every default
+    backbone named on a line of its own, before any image is decoded (no study is created)."""
+    from autotransfer.config import DEFAULT_BACKBONES
+
+    out = tmp_path / "w"
+    result = run_cli("search", "--dataset", "builtin:digits", "--trials", "1", "--out", str(out),
+                     env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)  # without the "loading NAME (pretrained)" progress lines
+    assert "Retry" not in result.stderr and "Traceback" not in result.stderr
+    assert lines[0] == "autotransfer: error: weights for 3 of 3 backbones cannot be had:"
+    for name, line in zip(DEFAULT_BACKBONES, lines[1:4]):
+        assert name in line and "not in the local cache and the hub cannot be reached" in line
+    assert lines[4].startswith("ways out: --weights NAME=PATH") and len(lines) == 5
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -248,3 +271,90 @@ def test_a_worker_loop_says_it_stopped_on_the_timeout(tmp_path):
     message = stop_message(why, study, SearchConfig(dataset="x", timeout=0.2))
     assert message.startswith("stopped: --timeout 0.2 s reached") and "a trial running at it ran to its end" in message
     assert WorkerLoop(objective, study, Budget(trials=1), tmp_path, said.append, 30).run() == "trials"
+
+
+def _run_in_pty(args: list[str], columns: int = 120) -> str:
+    """`autotransfer ARGS` with stdin, stdout and stderr on a pseudo-terminal of `columns` x 40; all it wrote."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "autotransfer.cli", *args], stdin=slave, stdout=slave,
+                               stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 300)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed: the process is gone
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        assert process.wait(timeout=60) == 0
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_live_display_and_a_pipe_plain_lines(tmp_path):
+    import re
+
+    args = ["search", "--dataset", "builtin:digits", "--backbones", "test_resnet", "--no-pretrained",
+            "--trials", "3", "--epochs", "1"]
+    shown = _run_in_pty([*args, "--out", str(tmp_path / "tty")])
+    assert re.search(r"trials 0/3 \|", shown) and re.search(r"trials 3/3 \|", shown), shown
+    assert re.search(r"trials [12]/3 \|[^\r]*elapsed, ETA \d\d:\d\d, best 0\.\d{4} \(trial \d\)", shown), shown
+    assert "now trial 1 epoch 1/1" in shown
+    assert "trial 1: test_resnet frozen" in shown  # the messages still print, above the bar
+
+    piped = run_cli(*args, "--out", str(tmp_path / "pipe"))
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stderr and "ETA" not in piped.stderr and "\x1b" not in piped.stderr
+    lines = piped.stderr.splitlines()
+    assert lines[0] == "loading test_resnet (random init)"
+    assert any(line.startswith("digits: 1149 train / 288 val / 360 test images, 10 classes") for line in lines)
+    assert "trial 2 done: val_acc" in piped.stderr
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    """A pruner that asks to stop every trial at every report."""
+
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs, state", [(2, "PRUNED"), (1, "COMPLETE")])
+def test_a_trial_is_never_pruned_after_its_last_epoch_and_a_pruned_one_logs_its_value(tmp_path, epochs, state):
+    """A trial's value is its last epoch's val accuracy (README, "A trial's value"); stopping it after
+    that epoch saves nothing, so it completes; a pruned trial's HParams metric is where it stood."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from autotransfer.config import SearchConfig
+    from autotransfer.search import RunOptions, Search
+
+    out = tmp_path / "p"
+    config = SearchConfig(dataset="builtin:digits:0-2", backbones=["test_resnet"], pretrained=False, trials=1,
+                          epochs=epochs, image_size=16, frozen_stages="0", heads=["linear"], portfolio=False).validate()
+    options = RunOptions(out=out, storage=f"sqlite:///{out / 'study.db'}", study_name="p", device="cpu", quiet=True)
+    study = Search(config, options, pruner=lambda config: _AlwaysPrune()).run()
+    trial = study.get_trials()[0]
+    assert trial.state.name == state and len(trial.intermediate_values) == 1
+    reached = trial.intermediate_values[1]
+    assert trial.value == reached  # Optuna stores a pruned trial's last report as its value too
+    events = EventAccumulator(str(out / "tensorboard" / "trial_0000"))
+    events.Reload()
+    assert [s.value for s in events.Scalars("hparams/val_accuracy")] == [pytest.approx(reached)]

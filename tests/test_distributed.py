@@ -31,6 +31,7 @@ from autotransfer.resilience import KEY_ATTR, OOM_RETRY_ATTR, RESUMED_ATTR
 from autotransfer.selection import replaces
 from autotransfer.trainer import FitSettings, TrialInputs, no_report, train
 from autotransfer.worker import SURPLUS, WORKER_ATTR, admitted
+from conftest import error_lines
 
 POSTGRES_URL = os.environ.get("AUTOTRANSFER_TEST_POSTGRES_URL")
 if not POSTGRES_URL and os.environ.get("AUTOTRANSFER_REQUIRE_POSTGRES") == "1":
@@ -82,7 +83,8 @@ def check_study(storage: str, study_name: str, out: Path, trials: int) -> list[o
     by_number = {t.number: t for t in all_trials}
     for row in board.itertuples():
         trial = by_number[row.trial]
-        assert row.state == trial.state.name
+        interrupted = trial.state == TrialState.FAIL and trial.user_attrs.get("reason", "").startswith("interrupted")
+        assert row.state == ("INTERRUPTED" if interrupted else trial.state.name)
         if trial.state == TrialState.COMPLETE:
             assert row.val_accuracy == pytest.approx(trial.value)
     complete = board[board["state"] == "COMPLETE"]
@@ -343,6 +345,7 @@ def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monke
             process.kill()
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert "failed with value" not in err  # Optuna's own line about it is not shown: it reads as a failure
     trials = {t.number: t for t in load(storage, "digits").get_trials()}
     assert trials[victim.number].state == TrialState.FAIL
     assert trials[victim.number].user_attrs["reason"].startswith("interrupted")
@@ -354,6 +357,12 @@ def test_ctrl_c_records_interrupted_and_the_same_command_resumes(tmp_path, monke
     retry = next(t for t in trials if t.user_attrs.get(KEY_ATTR) == victim.number and t.number != victim.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs[RESUMED_ATTR] >= 1
     assert retry.user_attrs.get("reason", "") == ""
+    from autotransfer.leaderboard import leaderboard_frame, per_backbone
+
+    frame = leaderboard_frame(load(storage, "digits")).set_index("trial")
+    assert frame.loc[victim.number, "state"] == "INTERRUPTED"  # not FAIL, and not counted as failed
+    assert frame.loc[victim.number, "reason"].endswith(f"resumed from its checkpoint as trial {retry.number}")
+    assert per_backbone(frame.reset_index())["failed"].sum() == 0
 
 
 def gone(pid: int) -> bool:
@@ -460,6 +469,6 @@ def test_bad_distributed_input_exits_2_with_one_line(tmp_path, args, needle):
     result = subprocess.run(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr

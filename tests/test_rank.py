@@ -83,7 +83,11 @@ def test_rank_command_table(tmp_path, capsys):
     assert frame["hscore"].is_monotonic_decreasing and frame["leep"].isna().all()
     assert (frame["extract_s"] > 0).all() and not frame["cached"].any()
     assert main(["rank", "--dataset", "builtin:digits:0-3", "--backbones", "test_resnet,test_efficientnet",
-                 "--no-pretrained", "--scorers", "hscore", "--out", str(out), "--quiet", "--format", "csv"]) == 0
+                 "--no-pretrained", "--scorers", "hscore", "--out", str(out), "--format", "csv"]) == 0
+    said = capsys.readouterr().err.splitlines()  # not silent while it loads, decodes and extracts
+    assert said[:2] == ["loading test_resnet (random init)", "loading test_efficientnet (random init)"]
+    assert any(line.startswith("scoring test_efficientnet: features of") for line in said)
+    assert "  test_resnet: features read from the cache" in said
     again = pd.read_csv(out / "rank.csv")
     assert again["cached"].all()  # same weights (seeded random init), pixels and preprocessing
     assert np.allclose(again.set_index("backbone")["hscore"], frame.set_index("backbone")["hscore"])

@@ -59,6 +59,8 @@ class Backbone:
     stages: list[list[str]]  # parameter names per coarse stage, stem first
     preprocessing: Preprocessing
     source: str  # where the weights came from, for the leaderboard and the saved model
+    architecture: str | None = None  # the model name that builds this module when it differs from the
+    # backbone's name (a `pretrain` checkpoint's manifest architecture): what a saved model rebuilds from
 
 
 @runtime_checkable
@@ -99,8 +101,7 @@ class CachedProvider:
                     torch.manual_seed(weights.init_seed)
                     self._templates[key] = self._build(model_name, weights)
         template = self._templates[key]
-        return Backbone(copy.deepcopy(template.module), template.num_features,
-                        template.stages, template.preprocessing, template.source)
+        return replace(template, module=copy.deepcopy(template.module))
 
     def _build(self, model_name: str, weights: WeightsRequest) -> Backbone:
         raise NotImplementedError

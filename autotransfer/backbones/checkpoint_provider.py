@@ -61,7 +61,8 @@ class CheckpointProvider(CachedProvider):
             path = verified_file(folder, BACKBONE_FILE, manifest)
             origin, state, source = str(path), read_state_dict(path), f"checkpoint:{folder}"
         load_into(template.module, state, name=model_name, origin=origin)
-        return Backbone(template.module, template.num_features, template.stages, manifest.preprocessing, source)
+        return Backbone(template.module, template.num_features, template.stages, manifest.preprocessing, source,
+                        architecture=manifest.architecture)
 
     def source_classifier(self, model_name: str, weights: WeightsRequest | None = None) -> nn.Module | None:
         """The source-task head (features -> source classes), for source-label scorers."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError, WeightsUnavailable
 from .base import Backbone, BackboneInfo, CachedProvider, WeightsRequest
+from .hub import availability
 from .preprocessing import Preprocessing
 from .stages import timm_stages
 from .weights import load_into, read_state_dict, ways_out
@@ -128,11 +129,16 @@ def _load_from_hub(model_name: str, cfg: dict, keep_classifier: bool = False) ->
                                  f"timm knows no pretrained weights for this name; {ways_out(model_name)}")
     import timm
 
+    found = availability(cfg)  # the caches, then one quick request: never huggingface_hub's retries
+    if found.missing:
+        raise WeightsUnavailable(f"pretrained weights for {model_name!r} are unavailable: {found.missing}; "
+                                 f"{ways_out(model_name)}")
+    overlay = {"pretrained_cfg_overlay": {"file": found.local}} if found.local else {}
     try:
         # Create with the checkpoint's own class count so timm loads strictly (with num_classes=0
         # it would load non-strictly and leave missing tensors random), then drop the classifier.
         module = timm.create_model(model_name, pretrained=True, num_classes=cfg.get("num_classes", 1000),
-                                   **dict(_create_kwargs(model_name)))
+                                   **overlay, **dict(_create_kwargs(model_name)))
         if not keep_classifier:
             module.reset_classifier(0)
         return module

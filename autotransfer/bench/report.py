@@ -36,7 +36,7 @@ NOTE = ("Ranked by mean test accuracy: the model each method chose on validation
 class ReportRequest:
     results: Path = Path("benchmarks/results")
     suite: str | None = None
-    out: Path = Path("report.html")
+    out: Path = Path("benchmarks/results/report.html")
     threshold: float = 2.0  # accuracy drop that is a regression, in percentage points
     slowdown: float = 0.25  # wall-time growth that is a regression, as a fraction
 
@@ -326,9 +326,15 @@ def write_report(request: ReportRequest) -> tuple[Path, Path, list[str]]:
     return out, markdown, flags
 
 
+def plots_folder(out: Path) -> Path:
+    """Where the Markdown twin's PNG files go: a folder beside the page, named after it (the HTML page
+    embeds its plots and needs no files)."""
+    return out.with_name(f"{out.stem}-plots")
+
+
 def _plot_file(out: Path, section: Section, caption: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{out.stem}-{section.suite}-{section.name}-{caption}").strip("-")
-    return out.with_name(f"{name}.png")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{section.suite}-{section.name}-{caption}").strip("-")
+    return plots_folder(out) / f"{name}.png"
 
 
 def _criteria(request: ReportRequest) -> str:
@@ -355,8 +361,9 @@ def render_markdown(built: list[Section], flags: list[str], request: ReportReque
                   section.leaderboard.to_markdown(index=False), ""]
         for caption, png in section.plots.items():
             path = _plot_file(out, section, caption)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
-            lines += [f"![{caption}]({path.name})", ""]
+            lines += [f"![{caption}]({path.parent.name}/{path.name})", ""]
         for title, attribute in HISTORIES:
             lines += [f"### {title}", "", _cells(getattr(section, attribute)).to_markdown(disable_numparse=True,
                                                                                        stralign="right"), ""]
