@@ -71,12 +71,26 @@ def _shared() -> dict[str, argparse.ArgumentParser]:
     quiet.add_argument("--quiet", action="store_true", help="no progress display")
     plugin = argparse.ArgumentParser(add_help=False)
     plugin.add_argument("--plugin", action="append", default=[], help="plugin module or file.py to load (repeatable)")
-    from .storage import DEFAULT_HEARTBEAT_S
+    from .config import DEFAULT_HEARTBEAT_S
 
     heartbeat = argparse.ArgumentParser(add_help=False)
     heartbeat.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a trial silent for "
                            f"3x this is failed and retried by another worker (default {DEFAULT_HEARTBEAT_S})")
-    return {"device": device, "quiet": quiet, "plugin": plugin, "heartbeat": heartbeat}
+    data_cache = argparse.ArgumentParser(add_help=False)
+    where = data_cache.add_mutually_exclusive_group()
+    where.add_argument("--data-cache", metavar="DIR", help="folder of the decoded-image cache, shared by every process "
+                       "that reads the same images (default $AUTOTRANSFER_DATA_CACHE, else data-cache in --out; for pretrain only the former)")
+    where.add_argument("--no-data-cache", action="store_true", help="decode the images in this process only")
+    return {"device": device, "quiet": quiet, "plugin": plugin, "heartbeat": heartbeat, "data_cache": data_cache}
+
+
+def _data_cache(given: dict, out: Path) -> Path | None:
+    """The decoded-image cache folder the flags choose; None with --no-data-cache."""
+    from .data.pixels import default_folder
+
+    if given.get("no_data_cache"):
+        return None
+    return Path(given["data_cache"]) if given.get("data_cache") else default_folder(out)
 
 
 def _search_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
@@ -84,7 +98,7 @@ def _search_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     from .flags import add_flags
 
     p = sub.add_parser("search", help="search transfer configurations on a dataset",
-                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat")])
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat", "data_cache")])
     add_flags(p, SearchConfig)  # every flag that sets the search's configuration (config.SearchConfig)
     p.add_argument("--storage", default=argparse.SUPPRESS, help="Optuna storage URL (default sqlite file in --out)")
     p.add_argument("--study", default=argparse.SUPPRESS, help="study name (default derived from the dataset)")
@@ -101,7 +115,7 @@ def _search_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
 
 def _worker_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("worker", help="join a study in a shared storage and run its trials (any number of machines)",
-                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat")])
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "heartbeat", "data_cache")])
     p.add_argument("--storage", required=True, help="the study's storage URL, e.g. postgresql+psycopg2://USER:PW@HOST/DB")
     p.add_argument("--study", required=True, help="study name, created by `autotransfer search`")
     p.add_argument("--out", help="output folder: tensorboard, checkpoints, best/ (default runs/<study>; "
@@ -111,10 +125,10 @@ def _worker_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
 
 def _pretrain_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     from .flags import add_flags
-    from .pretrain import PretrainConfig
+    from .config import PretrainConfig
 
     p = sub.add_parser("pretrain", help="train a backbone on a source dataset; write a checkpoint a search can use",
-                       parents=[shared[name] for name in ("device", "quiet", "plugin")])
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "data_cache")])
     add_flags(p, PretrainConfig, required=("dataset", "backbone", "out"))
 
 
@@ -126,7 +140,7 @@ def _rank_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
     from .flags import add_flags
 
     p = sub.add_parser("rank", help="rank backbones by transferability scores from one forward pass each",
-                       parents=[shared[name] for name in ("device", "quiet", "plugin")])
+                       parents=[shared[name] for name in ("device", "quiet", "plugin", "data_cache")])
     add_flags(p, SearchConfig, RANK_FLAGS, required=("dataset",))  # as in search
     from .config import parse_list
 
@@ -212,7 +226,7 @@ def _search(args: argparse.Namespace) -> int:
     config = merge_config(explicit, stored_config(storage, study_name))
     options = RunOptions(out=out, storage=storage, study_name=study_name, device=given.get("device", "auto"),
                          quiet=given.get("quiet", False), plugins=tuple(given.get("plugin", [])),
-                         **_heartbeat(given.get("heartbeat")))
+                         data_cache=_data_cache(given, out), **_heartbeat(given.get("heartbeat")))
     search = Search(config, options)
     launch = None
     if given.get("create_only"):
@@ -271,7 +285,8 @@ def _write_report(search, study, out: Path) -> Path | None:
         if (best / CONFIG_FILE).is_file():
             data, (refs, labels) = search.data, search.test_refs
             if data is None:  # released to worker processes (--workers): decode val and test again
-                splits = splits_again(search.config, search.registries, read_card(best).decode_size)
+                splits = splits_again(search.config, search.registries, read_card(best).decode_size,
+                                      search.options.data_cache)
             else:
                 splits = {"val": data.val, **({"test": data.test} if data.test is not None else {})}
             if "test" not in splits and len(refs):
@@ -332,8 +347,9 @@ def _worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from .worker import worker_salt
 
-    options = RunOptions(out=Path(args.out or Path("runs") / args.study), storage=args.storage, study_name=args.study,
-                         device=args.device, quiet=args.quiet, plugins=tuple(args.plugin), sampler_salt=worker_salt(),
+    out = Path(args.out or Path("runs") / args.study)
+    options = RunOptions(out=out, storage=args.storage, study_name=args.study, device=args.device, quiet=args.quiet,
+                         plugins=tuple(args.plugin), sampler_salt=worker_salt(), data_cache=_data_cache(vars(args), out),
                          **_heartbeat(args.heartbeat))
     from .launch import is_supervised
     from .worker import exit_status, stop_on_sigterm
@@ -476,7 +492,9 @@ def _rank(args: argparse.Namespace) -> int:
     if by not in names:
         raise UserError(f"--by {by!r} is not among --scorers ({', '.join(names)})")
     say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    results = score_backbones(prepare_search(config, found, resolve_device(args.device), out, say=say), names, say=say)
+    prepared = prepare_search(config, found, resolve_device(args.device), out, say=say,
+                              data_cache=_data_cache(vars(args), out))
+    results = score_backbones(prepared, names, say=say)
     frame = rank_frame(results, names, by)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "rank.csv", index=False)
@@ -492,10 +510,15 @@ def _rank(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from .backbones.checkpoints import path_name
     from .flags import given
-    from .pretrain import PretrainConfig, pretrain
+    from .config import PretrainConfig
+    from .pretrain import pretrain
+
+    from .data.pixels import ENV
 
     config = PretrainConfig(**given(PretrainConfig, vars(args)), device=args.device)
-    manifest = pretrain(config, tuple(args.plugin), quiet=args.quiet)
+    # --out is the checkpoint, which is copied around: the data cache goes there only when asked to
+    cache = None if args.no_data_cache else args.data_cache or os.environ.get(ENV) or None
+    manifest = pretrain(config, tuple(args.plugin), quiet=args.quiet, data_cache=None if cache is None else Path(cache))
     accuracy = "n/a" if manifest.val_accuracy is None else f"{manifest.val_accuracy:.4f}"
     print(f"wrote checkpoint {args.out}: {manifest.architecture} trained on {manifest.source_dataset} "
           f"({len(manifest.source_classes)} classes, source val_acc {accuracy}); "
@@ -551,10 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.tensorboard")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import optuna
+    args = build_parser().parse_args(argv)  # --help and bad flags end here, before anything heavy is imported
+    if args.command != "plugins":
+        import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    args = build_parser().parse_args(argv)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -10,12 +10,16 @@ dynamic. `prepare_images` is exactly that path, so a server in Python can reuse 
 Invariant: an export is written to a temporary name, loaded back with its own runtime (onnxruntime,
 torch.jit.load) and compared with the PyTorch model on a batch of inputs; only if every probability
 agrees within `TOLERANCE` does it take its final name. A file that disagrees is never left behind.
+Everything that can be refused cheaply (format, missing packages, the --model folder, an unwritable
+--output) is refused, in one line, before the export runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -64,7 +68,7 @@ def contract(card: ModelCard, fmt: str, file: Path) -> dict:
         "input_shape": ["N", 3, card.image_size, card.image_size],
         "preprocessing": ["decode to RGB", f"resize the short side to {card.decode_size} px (bicubic) and centre-crop "
                           f"{card.decode_size}x{card.decode_size}", f"resize to {card.resize_size}x{card.resize_size} "
-                          "(bilinear, antialiased)", f"centre-crop {card.image_size}x{card.image_size}",
+                          "(bilinear, antialiased, rounded to uint8)", f"centre-crop {card.image_size}x{card.image_size}",
                           "divide by 255"],
         "normalisation_inside": {"mean": list(card.mean), "std": list(card.std)},
         "output_layout": "float32 N x classes, softmax probabilities in class_names order",
@@ -93,19 +97,14 @@ def export_model(model_dir: Path, fmt: str, output: Path | None, registries,
     """Export the saved model in `model_dir`; checked on `check_inputs` (default: a seeded random batch)."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    require_runtime(fmt)
     model, card = load_model(Path(model_dir), registries)
     served = Served(model.cpu().eval(), card).eval()
     output = Path(output) if output else Path(model_dir) / f"model{SUFFIX[fmt]}"
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give a file name, e.g. {output / ('model' + SUFFIX[fmt])}")
     if check_inputs is None:
         check_inputs = torch.rand((CHECK_BATCH, 3, card.image_size, card.image_size),
                                   generator=torch.Generator().manual_seed(0))
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write --output {output}: {exc.strerror or exc}") from None
-    staging = output.with_name(f".{output.name}.partial")
+    staging = claim(output, fmt)
     try:
         example = check_inputs[:2]
         (_to_onnx if fmt == "onnx" else _to_torchscript)(served, example, staging)
@@ -123,8 +122,45 @@ def export_model(model_dir: Path, fmt: str, output: Path | None, registries,
     finally:
         staging.unlink(missing_ok=True)
     described = output.with_name(output.name + ".json")
-    described.write_text(json.dumps(contract(card, fmt, output), indent=2) + "\n")
+    try:
+        described.write_text(json.dumps(contract(card, fmt, output), indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {described}: {exc.strerror or exc}; choose an --output in a writable "
+                        "folder") from None
     return Exported(output, described, difference)
+
+
+def require_runtime(fmt: str) -> None:
+    """A UserError naming the install when a package `fmt` needs (to export or to check) is missing."""
+    needed = ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ()
+    missing = [name for name in needed if _missing(name)]
+    if missing:
+        raise UserError(f"ONNX export needs {', '.join(missing)} (onnx and onnxscript to export, onnxruntime to check "
+                        "the result): pip install 'autotransfer[export]'")
+
+
+def _missing(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is None  # None: imports of it are blocked
+    return importlib.util.find_spec(name) is None
+
+
+def claim(output: Path, fmt: str) -> Path:
+    """The staging file beside `output`, created now: an unwritable --output fails here, in one line, before
+    the export runs (torch's own writers raise deep inside with a traceback)."""
+    hint = f"give a file name in a writable folder, e.g. model{SUFFIX[fmt]}"
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name, e.g. {output / ('model' + SUFFIX[fmt])}")
+    blocking = next((p for p in output.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"cannot write --output {output}: {blocking} is a file, not a folder; {hint}")
+    staging = output.with_name(f".{output.name}.partial")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.touch()
+    except OSError as exc:
+        raise UserError(f"cannot write --output {output}: {exc.strerror or exc}; {hint}") from None
+    return staging
 
 
 def _to_onnx(served: Served, example: torch.Tensor, path: Path) -> None:

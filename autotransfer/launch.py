@@ -91,6 +91,8 @@ class LocalWorkers:
                 args += ["--plugin", plugin]
             if options.quiet:
                 args.append("--quiet")
+            cache = getattr(options, "data_cache", None)
+            args += ["--data-cache", str(cache)] if cache is not None else ["--no-data-cache"]
             self.codes = launch(self.plans, args)
         return run
 

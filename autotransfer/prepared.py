@@ -22,7 +22,7 @@ import torch
 from .backbones import BackboneInfo, WeightsRequest, provider_for, weights_request
 from .backbones.weights import ways_out
 from .config import CPU_IMAGE_SIZE_CAP, RANDOM_WEIGHTS, SearchConfig
-from .data import ImageRef, LabelledRefs, PreparedData, load_dataset, native_size, prepare
+from .data import ImageRef, LabelledRefs, PixelCache, PreparedData, load_dataset, native_size, prepare
 from .devices import available_memory
 from .errors import UserError, WeightsUnavailable
 from .plugins import Registries
@@ -67,9 +67,11 @@ class Prepared:
 
 
 def prepare_search(config: SearchConfig, registries: Registries, device: torch.device, out: Path,
-                   memory_budget: int | None = None, say: Callable[[str], None] = lambda message: None) -> Prepared:
+                   memory_budget: int | None = None, say: Callable[[str], None] = lambda message: None,
+                   data_cache: Path | None = None) -> Prepared:
     """Check and load everything a search needs, in the order that fails fastest on bad input; `say`
-    gets a line as each slow step (weights, decoding) starts, so a run is never silent."""
+    gets a line as each slow step (weights, decoding) starts, so a run is never silent. `data_cache`:
+    the folder of the decoded-image cache (data/pixels.py), None to decode in this process only."""
     if config.prerank is not None:
         registries.scorer(config.prerank)  # a typo fails before anything is stored
     infos = {name: provider_for(name, registries).describe(name) for name in config.backbones}
@@ -84,11 +86,11 @@ def prepare_search(config: SearchConfig, registries: Registries, device: torch.d
     decode_size = max(prepared.inputs_for(name).resize_size for name in infos)
     check_memory(len(refs.refs), decode_size, max(prepared.inputs_for(name).image_size for name in infos),
                  config.batch_size, available_memory())
-    say(f"decoding {len(refs.refs)} images of {refs.name} at {decode_size} px")
     started = time.perf_counter()
     prepared.data = prepare(refs, decode_size, val_fraction=config.val_fraction, seed=config.seed,
-                            memory_budget=memory_budget)
-    say(f"decoded in {time.perf_counter() - started:.1f}s")
+                            memory_budget=memory_budget, say=say,
+                            cache=None if data_cache is None else PixelCache(Path(data_cache)))
+    say(f"images ready in {time.perf_counter() - started:.1f}s")
     return prepared
 
 

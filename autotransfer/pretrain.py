@@ -8,16 +8,14 @@ own in-house starting points offline.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .backbones import WeightsRequest, provider_for, weights_label
-from .backbones.checkpoints import Manifest, is_checkpoint, path_name, utc_now, write_checkpoint
-from .config import OPTIMIZERS, SearchConfig
+from .backbones.checkpoints import Manifest, path_name, utc_now, write_checkpoint
+from .config import PretrainConfig
 from .errors import UserError
-from .flags import flag
 from .heads import HeadConfig
 from .model import assemble
 from .plugins import registries
@@ -26,62 +24,15 @@ from .prepared import prepare_search
 from .trainer import EpochStats, FitSettings, NonFiniteLoss, train
 
 
-@dataclass
-class PretrainConfig:
-    """What `autotransfer pretrain` trains; each field a flag sets declares it here (flags.py)."""
-
-    dataset: str = field(metadata=flag("--dataset", "source dataset (same forms as search)"))
-    backbone: str = field(metadata=flag("--backbone", "timm or plugin backbone name"))
-    out: Path = field(metadata=flag(
-        "--out", "new checkpoint folder; use it as --backbones DIR or --weights NAME=DIR", type=Path))
-    pretrained: bool = field(default=True, metadata=flag(  # start from the backbone's own pretrained weights
-        "--no-pretrained", "start from random init instead of the backbone's pretrained weights", action="negate"))
-    weights: str | None = field(default=None, metadata=flag(  # or from this file / checkpoint folder
-        "--weights", "start from this state dict or checkpoint folder", metavar="PATH"))
-    epochs: int = field(default=10, metadata=flag("--epochs", "epochs on the source data", type=int))
-    lr: float = field(default=1e-3, metadata=flag("--lr", "learning rate", type=float))
-    optimizer: str = field(default="adam", metadata=flag("--optimizer", f"one of {','.join(OPTIMIZERS)}"))
-    batch_size: int = field(default=64, metadata=flag("--batch-size", "images per step", type=int))
-    image_size: int | None = field(default=None, metadata=flag("--image-size", "crop size", type=int,
-                                                               default_text="as in search"))
-    val_fraction: float = field(default=0.1, metadata=flag(
-        "--val-fraction", "held out to report source accuracy", type=float))
-    seed: int = field(default=0, metadata=flag("--seed", "seeds the split, the head and the order", type=int))
-    device: str = "auto"
-
-    def as_search(self) -> SearchConfig:
-        """The data, backbone and weights settings as a search would hold them, for `prepare_search`."""
-        return SearchConfig(dataset=self.dataset, backbones=[self.backbone], pretrained=self.pretrained,
-                            weights={self.backbone: self.weights} if self.weights else {},
-                            batch_size=self.batch_size, image_size=self.image_size, val_fraction=self.val_fraction,
-                            seed=self.seed).validate()
-
-    def validate(self) -> "PretrainConfig":
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value}")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size must be a positive integer, got {self.image_size}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
-        out = Path(self.out)
-        if is_checkpoint(out):
-            raise UserError(f"{out} already holds a checkpoint; choose another --out (or delete it to replace it)")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} exists and is not an empty folder; choose a new folder")
-        return self
-
-
-def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False) -> Manifest:
-    """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest."""
+def pretrain(config: PretrainConfig, plugins: tuple[str, ...] = (), quiet: bool = False,
+             data_cache: Path | None = None) -> Manifest:
+    """Train `config.backbone` on `config.dataset`; write and return its checkpoint's manifest.
+    `data_cache`: a decoded-image cache folder to read the images from (data/pixels.py)."""
     config.validate()
     found = registries(tuple(plugins))
     device = resolve_device(config.device)
-    prepared = prepare_search(config.as_search(), found, device, Path(config.out))  # as a search reads its data
+    prepared = prepare_search(config.as_search(), found, device, Path(config.out),  # as a search reads its data
+                              data_cache=data_cache)
     data, inputs, request = prepared.data, prepared.inputs_for(config.backbone), prepared.weights_for(config.backbone)
     backbone = provider_for(config.backbone, found).create(config.backbone, request)
     torch.manual_seed(config.seed)  # the head's init is part of what --seed fixes (the backbone's: init_seed)

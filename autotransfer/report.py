@@ -129,13 +129,15 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def splits_again(config, registries, decode_size: int) -> dict[str, SplitInput]:
-    """The val and test splits decoded anew, exactly as the search split them (same source, seed and
-    fraction): for a search whose parent released its data to worker processes."""
-    from .data import prepare
+def splits_again(config, registries, decode_size: int, data_cache: Path | None = None) -> dict[str, SplitInput]:
+    """The val and test splits read again, exactly as the search split them (same source, seed and
+    fraction): for a search whose parent released its data to worker processes (which left the pixels
+    in `data_cache`, when there is one)."""
+    from .data import PixelCache, prepare
     from .prepared import load_source
 
-    data = prepare(load_source(config, registries), decode_size, val_fraction=config.val_fraction, seed=config.seed)
+    data = prepare(load_source(config, registries), decode_size, val_fraction=config.val_fraction, seed=config.seed,
+                   cache=None if data_cache is None else PixelCache(Path(data_cache)))
     return {"val": data.val, **({"test": data.test} if data.test is not None else {})}
 
 

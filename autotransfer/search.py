@@ -64,6 +64,7 @@ class RunOptions:
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a worker silent for 3x this long is dead; its trial is retried
     best_history: bool = False  # keep every model that was best/ under <out>/best-history (the benchmark)
     sampler_salt: int = 0  # added to the sampler's seed; `autotransfer worker` sets one per process
+    data_cache: Path | None = None  # the decoded-image cache folder (data/pixels.py); None: decode in-process
 
 
 # --------------------------------------------------------------------------- naming and storage
@@ -147,7 +148,7 @@ class Search:
     # -- preparation: everything that can fail on bad input happens before any trial runs
     def prepare(self, say: Callable[[str], None] = lambda message: None) -> Prepared:
         self.prepared = prepare_search(self.config, self.registries, self.device, self.out, self.options.memory_budget,
-                                       say=say)
+                                       say=say, data_cache=self.options.data_cache)
         return self.prepared
 
     @property

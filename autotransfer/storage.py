@@ -26,9 +26,9 @@ from typing import Iterator
 import optuna
 from sqlalchemy import event
 
+from .config import DEFAULT_HEARTBEAT_S  # noqa: F401 - where its users import it from
 from .errors import UserError
 
-DEFAULT_HEARTBEAT_S = 30
 MAX_RETRIES = 3  # a trial whose worker died is retried this many times before it stays failed
 SQLITE_PREFIX = "sqlite:///"
 

@@ -16,8 +16,8 @@ SHARED = ROOT.parent / "shared"  # real datasets and weights; tests that need th
 CLI_TIMEOUT_S = 300
 # The preparation's progress lines (display.py; prepared.py, rank.py), which may precede an error found
 # after them: they are not part of the error, and nothing else may stand beside it.
-PROGRESS = re.compile(r"(loading \S+ \((random init|pretrained|file)\)|decoding \d+ images of .+ at \d+ px|"
-                      r"decoded in [\d.]+s|scoring \S+: features of \d+ train images at \d+ px|  \S+: features .+)$")
+PROGRESS = re.compile(r"(loading \S+ \((random init|pretrained|file)\)|(decoding|reading) \d+ images of .+ at \d+ px( (into|from) the data cache .+)?|"
+                      r"images ready in [\d.]+s|scoring \S+: features of \d+ train images at \d+ px|  \S+: features .+)$")
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -64,6 +64,7 @@ class MethodRun:
     options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = True
     device: str = "auto"
+    data_cache: Path | None = None  # the decoded-image cache the cells of a run share (warmed before them)
 
     def config(self, **overrides: Any) -> SearchConfig:
         base = dict(dataset=self.dataset, backbones=list(self.backbones), pretrained=self.pretrained,
@@ -77,7 +78,19 @@ class MethodRun:
 
     def run_options(self) -> RunOptions:
         return RunOptions(out=self.work, storage=default_storage(self.work), study_name=STUDY, device=self.device,
-                          quiet=self.quiet, plugins=self.plugins, best_history=True)
+                          quiet=self.quiet, plugins=self.plugins, best_history=True, data_cache=self.data_cache)
+
+
+def warm_data_cache(run: MethodRun) -> None:
+    """Decode the cell's dataset into `run.data_cache` off every method's clock, so each cell of it reads
+    the images from the cache alike (none pays the decode for the others)."""
+    from ..devices import resolve_device
+    from ..plugins import registries
+    from ..prepared import prepare_search
+
+    if run.data_cache is not None:
+        prepare_search(run.config(trials=1, timeout=None), registries(run.plugins), resolve_device(run.device),
+                       run.work, data_cache=run.data_cache).release_data()
 
 
 # --------------------------------------------------------------------------- searches
@@ -195,7 +208,7 @@ def linear_probe(run: MethodRun) -> MethodResult:
     clock = time.perf_counter()
     off_clock = 0.0  # seconds spent scoring on test, not charged to the method
     prepared = prepare_search(run.config(trials=1, timeout=None), registries(run.plugins),
-                              resolve_device(run.device), run.work)
+                              resolve_device(run.device), run.work, data_cache=run.data_cache)
     cache = FeatureCache(run.work / "features")
     cs = [float(c) for c in run.options.get("C", PROBE_CS)]
     best: tuple[float, float, dict, float | None] | None = None

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from .methods import MethodResult, MethodRun, run_method
+from .methods import MethodResult, MethodRun, run_method, warm_data_cache
 from .store import Store, environment
 from .suite import Suite, load_suite
+
+
+DATA_CACHE_DIR = "data-cache"  # under --work: the decoded images every cell of every run reads
 
 
 @dataclass
@@ -85,10 +88,15 @@ def run_suite(request: RunRequest) -> int:
             if resolved is None:
                 say(request, f"skipping dataset {dataset}: {suite.folder / dataset} does not exist")
                 continue
+            warmed = False
             for method in suite.methods:
                 for seed in suite.seeds:
                     if (dataset, method, str(seed)) in done:
                         continue
+                    if not warmed:
+                        warm(suite, dataset, resolved, Path(request.work) / slug(run_id) / slug(dataset) / "warm",
+                             request)
+                        warmed = True
                     work = Path(request.work) / slug(run_id) / slug(dataset) / method / f"seed{seed}"
                     row = run_cell(suite, dataset, resolved, method, seed, work, request)
                     store.append({"night": night, "run_id": run_id, **env, "suite": suite.name, "dataset": dataset,
@@ -99,16 +107,37 @@ def run_suite(request: RunRequest) -> int:
     return appended
 
 
+def _method_run(suite: Suite, written: str, dataset: str, method: str, seed: int, work: Path,
+                request: RunRequest) -> MethodRun:
+    return MethodRun(dataset=dataset, backbones=suite.backbones, weights=suite.weights, budget=suite.budget,
+                     seed=seed, work=work, image_size=suite.image_size_for(written), pretrained=suite.pretrained,
+                     val_fraction=suite.val_fraction, val_as_test=written in suite.val_as_test, plugins=suite.plugins,
+                     options=suite.options(method), quiet=True, device=request.device,
+                     data_cache=Path(request.work) / DATA_CACHE_DIR)
+
+
+def warm(suite: Suite, written: str, dataset: str, work: Path, request: RunRequest) -> None:
+    """The dataset decoded into the run's data cache before its first cell; a failure here is left for
+    the cells to meet (and record) themselves."""
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        warm_data_cache(_method_run(suite, written, dataset, suite.methods[0], suite.seeds[0], work, request))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each cell reports its own error
+        say(request, f"{Path(dataset).name}: the data cache was not warmed ({type(exc).__name__}: {exc})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_cell(suite: Suite, written: str, dataset: str, method: str, seed: int, work: Path,
              request: RunRequest) -> dict:
-    """One method on one dataset with one seed, from a clean work folder; a crash becomes the row's error."""
+    """One method on one dataset with one seed, from a clean work folder; a crash becomes the row's error.
+    Its images come from the run's data cache, warmed before the dataset's first cell (`warm`)."""
     if work.exists():
         shutil.rmtree(work)  # leftovers of an interrupted cell: start it over, so timings stay honest
     work.mkdir(parents=True)
-    run = MethodRun(dataset=dataset, backbones=suite.backbones, weights=suite.weights, budget=suite.budget,
-                    seed=seed, work=work, image_size=suite.image_size_for(written), pretrained=suite.pretrained,
-                    val_fraction=suite.val_fraction, val_as_test=written in suite.val_as_test, plugins=suite.plugins, options=suite.options(method),
-                    quiet=True, device=request.device)
+    run = _method_run(suite, written, dataset, method, seed, work, request)
     clock = time.perf_counter()
     label = f"{Path(dataset).name} {method} seed {seed}"
     try:

@@ -12,7 +12,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from ..devices import to_device
 from ..errors import UserError
 from .sources import LabelledRefs
 from .decode import ImageRef, decode_image, describe_ref, memory_budget_bytes, resize_square, try_decode, try_verify
+
+if TYPE_CHECKING:
+    from .pixels import PixelCache
 
 log = logging.getLogger(__package__)  # "autotransfer.data", as when this package was one module
 
@@ -141,21 +144,30 @@ class PreparedData:
 
 
 def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: int,
-            memory_budget: int | None = None) -> PreparedData:
-    """Decode once, drop unreadable files (one warning), split and validate the classes."""
+            memory_budget: int | None = None, cache: "PixelCache | None" = None,
+            say: Callable[[str], None] = lambda message: None) -> PreparedData:
+    """Decode once, drop unreadable files (one warning), split and validate the classes. With `cache`
+    the pixels come from (or go into) the on-disk data cache, memory-mapped and shared between
+    processes; the splits are views of its file, never copies in this process."""
     budget = memory_budget_bytes() if memory_budget is None else memory_budget
     n = len(refs.refs)
     if n == 0:
         raise UserError(f"dataset {refs.name!r} holds no images")
     fits = n * 3 * decode_size * decode_size <= budget
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        if fits:
-            decoded = list(pool.map(lambda r: try_decode(r, decode_size), refs.refs, chunksize=16))
-            ok = np.array([t is not None for t in decoded])
-        else:
-            log.warning("%d images at %dpx exceed the %.1f GB cache budget; decoding them every epoch with workers",
-                        n, decode_size, budget / 2**30)
-            ok = np.array(list(pool.map(try_verify, refs.refs, chunksize=16)))
+    found = None
+    if fits and cache is not None:
+        found = cache.open_or_build(refs.refs, decode_size, say=say, what=refs.name)
+        ok = found.ok
+    else:
+        say(f"decoding {n} images of {refs.name} at {decode_size} px")
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+            if fits:
+                decoded = list(pool.map(lambda r: try_decode(r, decode_size), refs.refs, chunksize=16))
+                ok = np.array([t is not None for t in decoded])
+            else:
+                log.warning("%d images at %dpx exceed the %.1f GB cache budget; decoding them every epoch with "
+                            "workers", n, decode_size, budget / 2**30)
+                ok = np.array(list(pool.map(try_verify, refs.refs, chunksize=16)))
     skipped = [describe_ref(r) for r, good in zip(refs.refs, ok) if not good]
     if skipped:
         examples = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
@@ -168,17 +180,37 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
     splits = assign_splits(labels, None if refs.splits is None else refs.splits[keep], refs.class_names,
                            val_fraction, seed, refs.name, carve_val=carve_val)
     _check_classes(labels, splits, refs.class_names, refs.name)
+    names = ["train", "val"] + (["test"] if (splits == "test").any() else [])
+    rows = {name: keep[splits == name] for name in names}
+    views = _cached_views(cache, found, rows, decode_size) if found is not None else {}
 
     def subset(split: str) -> ImageSet:
-        rows = keep[splits == split]
-        label_tensor = torch.as_tensor(refs.labels[rows])
+        label_tensor = torch.as_tensor(refs.labels[rows[split]])
+        if split in views:
+            return ImageSet(label_tensor, images=views[split], decode_size=decode_size)
         if fits:
-            return ImageSet(label_tensor, images=torch.stack([decoded[i] for i in rows]) if len(rows) else
-                            torch.empty((0, 3, decode_size, decode_size), dtype=torch.uint8), decode_size=decode_size)
-        return StreamedView(ImageSet(label_tensor, refs=[refs.refs[i] for i in rows], decode_size=decode_size), decode_size)
+            images = (torch.stack([decoded[i] for i in rows[split]]) if len(rows[split]) else
+                      torch.empty((0, 3, decode_size, decode_size), dtype=torch.uint8))
+            return ImageSet(label_tensor, images=images, decode_size=decode_size)
+        return StreamedView(ImageSet(label_tensor, refs=[refs.refs[i] for i in rows[split]],
+                                     decode_size=decode_size), decode_size)
 
-    test = subset("test") if (splits == "test").any() else None
+    test = subset("test") if "test" in names else None
     return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped, test)
+
+
+def _cached_views(cache: "PixelCache", found, rows: dict[str, np.ndarray], decode_size: int) -> dict[str, torch.Tensor]:
+    """Each split's pixels as a slice of one mapped file: of the entry itself when every split's images
+    lie contiguous and in order there (folders per split), else of a copy in split order, kept in the
+    cache too (val carved from train), so processes share it as they share the entry."""
+    position = np.cumsum(found.ok) - 1  # ref index -> row of the entry's pixels
+    at = {name: position[index] for name, index in rows.items()}
+    if all(len(p) == 0 or (p[-1] - p[0] + 1 == len(p) and (np.diff(p) == 1).all()) for p in at.values()):
+        return {name: found.pixels[p[0]:p[-1] + 1] if len(p) else found.pixels[:0] for name, p in at.items()}
+    order = np.concatenate([at[name] for name in rows])
+    pixels = cache.derived(found, order, decode_size)
+    bounds = np.cumsum([0] + [len(at[name]) for name in rows])
+    return {name: pixels[bounds[i]:bounds[i + 1]] for i, name in enumerate(rows)}
 
 
 def assign_splits(labels: np.ndarray, given: np.ndarray | None, class_names: list[str], val_fraction: float,

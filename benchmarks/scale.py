@@ -1,0 +1,387 @@
+"""How a search's cost grows: start-up, decoding, memory with several workers, epochs from 5k to 50k
+images, and per-trial overhead at 100 trials. Every number comes from the real command line
+(`python -m autotransfer.cli search ...`), run as a user runs it, with its stderr lines time-stamped
+as they arrive and its process tree's memory sampled from /proc.
+
+Sections (rows tagged by `section`):
+
+- `start`: the hymenoptera search (the two MobileNetV1 plugin backbones, ../shared): command to the
+  first trial's first line (where its first epoch starts) on a cold run (empty --out), a warm rerun
+  of the study (its data cache, feature cache and the OS page cache all warm) and the same rerun with
+  `--no-data-cache` (decoded in the process again).
+- `size`: synthetic JPEG folders (generated once under --work: 10 classes, 90/10 train/val, sizes
+  and detail of real photos, 300x225 to 640x480) at each --sizes: the cold decode into the data
+  cache, the warm read of it, command to first trial, one plain epoch of a small timm model
+  (`test_resnet`, random init, every stage trained) at --image-size, and the run's peak RSS/PSS.
+- `workers`: `search --workers 4` on the largest set with an empty data cache, then `--workers 1`,
+  each stopped with Ctrl-C once every worker has trained for 30 s: how many processes decoded
+  (lines saying so), and the workers' memory at its peak (the sum over the four processes, sampled
+  together). RSS counts a shared page once per process that maps it,
+  so four readers of one page-cache copy show four times its size; PSS divides each shared page
+  among the processes that map it and is the memory they hold. Both are reported.
+- `overhead`: a 100-trial search of a tiny model on the built-in digits; per trial, the wall time
+  not spent in the objective (`duration_s`, model creation to last epoch): sampling, storage
+  writes, the leaderboard and best/ upkeep, by decile of trials, and the start and end of the run.
+
+    .venv/bin/python benchmarks/scale.py                       # writes benchmarks/results/scale-cpu.csv
+    .venv/bin/python benchmarks/scale.py --sizes 5000 --sections size   # one part
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MOBILENETS = "mobilenetv1_025_leaky_in1k,mobilenetv1_025_keras_in1k"
+CLASSES = 10
+SHAPES = ((300, 225), (400, 300), (500, 375), (375, 500), (640, 480))
+FIRST_TRIAL = re.compile(r"^trial (\d+): ")
+EPOCH = re.compile(r"^\s+trial (\d+) epoch 1/\d+: .*\(([\d.]+)s\)")
+READY = re.compile(r"^images ready in ([\d.]+)s")
+SAMPLE_S = 0.25
+TRAIN_S = 30.0  # seconds the workers section lets every worker train before it presses Ctrl-C
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+_NOISE = None
+
+
+def _write_images(job: tuple[str, int, int]) -> int:
+    import numpy as np
+    from PIL import Image
+
+    global _NOISE
+    if _NOISE is None:  # one noise field per process, cropped at a random place for each image
+        _NOISE = np.random.default_rng(os.getpid()).normal(0, 18, (720, 960, 3)).astype(np.float32)
+    folder, start, stop = job
+    for index in range(start, stop):
+        rng = np.random.default_rng(index)
+        width, height = SHAPES[index % len(SHAPES)]
+        # Coarse colour blobs plus fine noise: JPEGs of about the size and detail of photos.
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                        Image.Resampling.BICUBIC)
+        top, left = rng.integers(0, 720 - height), rng.integers(0, 960 - width)
+        noise = _NOISE[top:top + height, left:left + width]
+        pixels = np.clip(np.asarray(coarse, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        split = "val" if (index // CLASSES) % 10 == 0 else "train"
+        path = Path(folder) / split / f"class{index % CLASSES}" / f"{index:06d}.jpg"
+        Image.fromarray(pixels).save(path, quality=85)
+    return stop - start
+
+
+def synthetic_folder(work: Path, count: int) -> Path:
+    """An image folder of `count` JPEGs, made once (a marker file says it is complete)."""
+    folder = work / f"synthetic-{count}"
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for split in ("train", "val"):
+        for c in range(CLASSES):
+            (folder / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+    step = 500
+    jobs = [(str(folder), start, min(start + step, count)) for start in range(0, count, step)]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        made = sum(pool.map(_write_images, jobs))
+    (folder / ".complete").write_text(f"{made}\n")
+    print(f"generated {made} JPEGs in {folder} in {time.perf_counter() - started:.0f}s", flush=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- one command, timed and sampled
+
+def _tree(root: int) -> list[int]:
+    """`root` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _memory(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) in bytes, from /proc/PID/smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    values = dict(re.findall(r"^(Rss|Pss):\s+(\d+) kB", text, flags=re.MULTILINE))
+    return int(values.get("Rss", 0)) * 1024, int(values.get("Pss", 0)) * 1024
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"\0worker\0" in handle.read()
+    except OSError:
+        return False
+
+
+@dataclass
+class Run:
+    """One command's stderr lines (seconds since start, text), exit status, wall time and memory."""
+
+    lines: list[tuple[float, str]]
+    returncode: int
+    wall_s: float
+    peak_rss: int = 0  # the root process
+    peak_pss: int = 0
+    workers_peak_rss: int = 0  # the sum over worker processes, at the sample where it was largest
+    workers_peak_pss: int = 0
+    worker_peak_pss: list[int] = field(default_factory=list)  # each worker's own peak
+
+    def first(self, pattern: re.Pattern) -> tuple[float, re.Match] | None:
+        for seconds, text in self.lines:
+            match = pattern.search(text)
+            if match:
+                return seconds, match
+        return None
+
+    def count(self, needle: str) -> int:
+        return sum(needle in text for _, text in self.lines)
+
+
+def run(args: list[str], env: dict | None = None, stop_after: tuple[int, float] | None = None) -> Run:
+    """Run the CLI; with `stop_after` (trials, seconds), press Ctrl-C (SIGINT to its process group) once
+    that many trials have started and then that many seconds have passed, as a user would."""
+    command = [sys.executable, "-m", "autotransfer.cli", *args]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})}, start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    result = Run(lines, 0, 0.0)
+    workers: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total_rss = total_pss = 0
+            for pid in _tree(process.pid):
+                memory = _memory(pid)
+                if memory is None:
+                    continue
+                if pid == process.pid:
+                    result.peak_rss, result.peak_pss = max(result.peak_rss, memory[0]), max(result.peak_pss, memory[1])
+                elif _is_worker(pid):
+                    total_rss, total_pss = total_rss + memory[0], total_pss + memory[1]
+                    workers[pid] = max(workers.get(pid, 0), memory[1])
+            result.workers_peak_rss = max(result.workers_peak_rss, total_rss)
+            result.workers_peak_pss = max(result.workers_peak_pss, total_pss)
+            done.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    interrupt: threading.Timer | None = None
+    for text in process.stderr:
+        lines.append((time.perf_counter() - started, text.rstrip("\n")))
+        if stop_after and interrupt is None and sum(bool(FIRST_TRIAL.search(t)) for _, t in lines) >= stop_after[0]:
+            interrupt = threading.Timer(stop_after[1], lambda: os.killpg(process.pid, signal.SIGINT))
+            interrupt.start()
+    result.returncode = process.wait()
+    if interrupt is not None:
+        interrupt.cancel()
+    result.wall_s = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    result.worker_peak_pss = sorted(workers.values())
+    if result.returncode != 0 and not (stop_after and interrupt is not None):
+        tail = "\n".join(text for _, text in lines[-15:])
+        raise SystemExit(f"{' '.join(args)} failed with status {result.returncode}:\n{tail}")
+    return result
+
+
+def _mb(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+def _first_trial(result: Run) -> float | None:
+    found = result.first(FIRST_TRIAL)
+    return None if found is None else round(found[0], 2)
+
+
+def _ready(result: Run) -> float | None:
+    found = result.first(READY)
+    return None if found is None else float(found[1][1])
+
+
+def _epoch(result: Run) -> float | None:
+    found = result.first(EPOCH)
+    return None if found is None else float(found[1][2])
+
+
+# --------------------------------------------------------------------------- sections
+
+def start_rows(work: Path, epochs: int) -> list[dict]:
+    dataset = SHARED / "datasets" / "hymenoptera"
+    if not dataset.is_dir():
+        print(f"skipping the start section: {dataset} does not exist", flush=True)
+        return []
+    out = work / "start-hymenoptera"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {"AUTOTRANSFER_MOBILENETV1_WEIGHTS": str(SHARED / "weights"), "HF_HUB_OFFLINE": "1"}
+    base = ["search", "--dataset", str(dataset), "--backbones", MOBILENETS, "--epochs", str(epochs), "--out", str(out)]
+    rows = []
+    for case, extra in (("cold", ["--trials", "1"]), ("warm rerun", ["--trials", "2"]),
+                        ("warm rerun --no-data-cache", ["--trials", "3", "--no-data-cache"])):
+        result = run([*base, *extra], env)
+        rows.append({"section": "start", "dataset": "hymenoptera", "case": case, "images": 398,
+                     "to_first_trial_s": _first_trial(result), "images_ready_s": _ready(result),
+                     "wall_s": round(result.wall_s, 1), "peak_rss_mb": _mb(result.peak_rss),
+                     "peak_pss_mb": _mb(result.peak_pss)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _tiny_search(folder: Path, out: Path, cache: Path, image_size: int, extra: list[str]) -> list[str]:
+    return ["search", "--dataset", str(folder), "--backbones", "test_resnet", "--no-pretrained", "--image-size",
+            str(image_size), "--frozen-stages", "0", "--heads", "linear", "--no-portfolio", "--epochs", "1",
+            "--out", str(out), "--data-cache", str(cache), *extra]
+
+
+def size_rows(work: Path, sizes: list[int], image_size: int) -> list[dict]:
+    rows = []
+    for count in sizes:
+        folder = synthetic_folder(work, count)
+        cache = work / f"data-cache-{count}"
+        shutil.rmtree(cache, ignore_errors=True)
+        for case in ("cold", "warm"):  # cold: decode into the empty cache, create the study, stop
+            out = work / f"size-{count}-{case}"
+            shutil.rmtree(out, ignore_errors=True)
+            extra = ["--trials", "1"] + (["--create-only"] if case == "cold" else [])
+            result = run(_tiny_search(folder, out, cache, image_size, extra))
+            rows.append({"section": "size", "dataset": f"synthetic-{count}", "case": case, "images": count,
+                         "decoded": result.count("into the data cache"), "images_ready_s": _ready(result),
+                         "to_first_trial_s": _first_trial(result), "epoch_s": _epoch(result),
+                         "wall_s": round(result.wall_s, 1), "peak_rss_mb": _mb(result.peak_rss),
+                         "peak_pss_mb": _mb(result.peak_pss),
+                         "cache_mb": _mb(sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()))})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def worker_rows(work: Path, count: int, image_size: int) -> list[dict]:
+    folder = synthetic_folder(work, count)
+    cache = work / f"data-cache-workers-{count}"
+    shutil.rmtree(cache, ignore_errors=True)
+    rows = []
+    for workers in (4, 1):  # four first, on the empty cache: the decode happens once, in the parent
+        out = work / f"workers-{count}-{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        # Each worker's trial is stopped (Ctrl-C) after TRAIN_S of training: its images are mapped, read
+        # (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch on
+        # four processes sharing two cores would take a quarter of an hour and show nothing more.
+        result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
+                                                                   str(workers)]), stop_after=(workers, TRAIN_S))
+        rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
+                     "images": count, "workers": workers, "decoded": result.count("into the data cache"),
+                     "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
+                     "trained_s_before_ctrl_c": TRAIN_S,
+                     "parent_peak_pss_mb": _mb(result.peak_pss),
+                     "workers_peak_rss_mb": _mb(result.workers_peak_rss),
+                     "workers_peak_pss_mb": _mb(result.workers_peak_pss),
+                     "worker_peak_pss_mb": " ".join(str(_mb(v)) for v in result.worker_peak_pss)})
+        print(rows[-1], flush=True)
+    one = next(row for row in rows if row["workers"] == 1)
+    for row in rows:
+        row["pss_vs_one_worker"] = round(row["workers_peak_pss_mb"] / one["workers_peak_pss_mb"], 3)
+        row["rss_vs_one_worker"] = round(row["workers_peak_rss_mb"] / one["workers_peak_rss_mb"], 3)
+    return rows
+
+
+def overhead_rows(work: Path, trials: int) -> list[dict]:
+    import optuna
+
+    out = work / "overhead"
+    shutil.rmtree(out, ignore_errors=True)
+    result = run(["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
+                  "--image-size", "16", "--epochs", "1", "--trials", str(trials), "--out", str(out)])
+    study = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}")
+    done = sorted((t for t in study.trials if t.datetime_complete is not None), key=lambda t: t.datetime_start)
+    first_start, last_end = done[0].datetime_start, max(t.datetime_complete for t in done)
+    spans = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    inside = [t.user_attrs.get("duration_s") or 0.0 for t in done]
+    gaps = [(b.datetime_start - a.datetime_complete).total_seconds() for a, b in zip(done, done[1:])] + [0.0]
+    per_trial = [span - work_s + gap for span, work_s, gap in zip(spans, inside, gaps)]
+    rows = []
+    decile = max(1, len(done) // 10)
+    for start in range(0, len(done), decile):
+        part = per_trial[start:start + decile]
+        rows.append({"section": "overhead", "dataset": "builtin:digits:0-2", "case": f"trials {start + 1}-"
+                     f"{start + len(part)}", "trials": len(part),
+                     "overhead_per_trial_s": round(sum(part) / len(part), 3),
+                     "objective_per_trial_s": round(sum(inside[start:start + decile]) / len(part), 3)})
+    total_span = (last_end - first_start).total_seconds()
+    rows.append({"section": "overhead", "dataset": "builtin:digits:0-2", "case": f"all {len(done)} trials",
+                 "trials": len(done), "overhead_per_trial_s": round((total_span - sum(inside)) / len(done), 3),
+                 "objective_per_trial_s": round(sum(inside) / len(done), 3),
+                 "to_first_trial_s": _first_trial(result), "wall_s": round(result.wall_s, 1),
+                 "after_last_trial_s": round(result.wall_s - (_first_trial(result) or 0) - total_span, 2)})
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="start,size,workers,overhead")
+    parser.add_argument("--sizes", default="5000,20000,50000", help="synthetic set sizes for the size section")
+    parser.add_argument("--workers-size", type=int, default=50000, help="the set the workers section runs on")
+    parser.add_argument("--image-size", type=int, default=152, help="crop size of the synthetic searches "
+                        "(test_resnet's crop_pct 0.95: 152 px decodes at 160 px, 77 kB an image)")
+    parser.add_argument("--start-epochs", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=100, help="trials of the overhead section")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/autotransfer-scale"),
+                        help="scratch folder (the 50k set and its caches take about 5 GB)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale-cpu.csv")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    if "start" in sections:
+        rows += start_rows(args.work, args.start_epochs)
+    if "size" in sections:
+        rows += size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size)
+    if "workers" in sections:
+        rows += worker_rows(args.work, args.workers_size, args.image_size)
+    if "overhead" in sections:
+        rows += overhead_rows(args.work, args.trials)
+    load = os.getloadavg()
+    extra = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+             "load_1m_at_end": round(load[0], 2), "bench_wall_s": round(time.perf_counter() - started)}
+    import pandas as pd
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{**row, **extra} for row in rows]).to_csv(args.out, index=False)  # columns in first-seen order
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
