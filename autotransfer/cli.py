@@ -211,7 +211,6 @@ def _bench_parser(sub, shared: dict[str, argparse.ArgumentParser]) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     from . import config as c
-    from . import leaderboard
     from .flags import given as given_flags
     from .search import RunOptions, Search, default_storage, default_study_name, merge_config, stored_config
 
@@ -223,10 +222,11 @@ def _search(args: argparse.Namespace) -> int:
     out = Path(given.get("out") or Path("runs") / study_name)
     storage = given.get("storage") or default_storage(out)
     local = _local_workers(given)
-    config = merge_config(explicit, stored_config(storage, study_name))
+    heartbeat = _heartbeat(given.get("heartbeat"))
+    config = merge_config(explicit, stored_config(storage, study_name, **heartbeat))
     options = RunOptions(out=out, storage=storage, study_name=study_name, device=given.get("device", "auto"),
                          quiet=given.get("quiet", False), plugins=tuple(given.get("plugin", [])),
-                         data_cache=_data_cache(given, out), **_heartbeat(given.get("heartbeat")))
+                         data_cache=_data_cache(given, out), **heartbeat)
     search = Search(config, options)
     launch = None
     if given.get("create_only"):
@@ -250,6 +250,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"study {study_name!r} is ready; start workers with: {PROG} worker --storage {storage} --study {study_name}",
               file=sys.stderr)
         return 0
+    from . import leaderboard
     from .holdout import selection_summary
 
     if search.stop_reason:
@@ -335,7 +336,7 @@ def _worker(args: argparse.Namespace) -> int:
     from .search import RunOptions, Search, stored_config
     from .storage import shown
 
-    config = stored_config(args.storage, args.study)
+    config = stored_config(args.storage, args.study, **_heartbeat(args.heartbeat))
     if config is None:
         raise UserError(f"no study {args.study!r} in {shown(args.storage)}; create it first with "
                         f"{PROG} search --dataset ... --storage URL --study {args.study} --create-only")

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .data.decode import ImageRef, describe_ref, try_decode
@@ -21,6 +20,9 @@ from .data.images import ImageSet
 from .errors import UserError
 from .model import ModelCard, TransferModel, load_model
 from .trainer import TrialInputs, infer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 CHUNK = 1024
@@ -75,6 +77,8 @@ def predict(model_dir: Path, inputs: list[str], registries, device: torch.device
         confidence, label = label_images(model, card, images, device).max(dim=1)
         rows += [{"path": str(files[i]), "label": card.class_names[int(k)], "confidence": round(float(c), 6)}
                  for i, k, c in zip(index, label, confidence)]
+    import pandas as pd  # here: a search imports this module, and pandas only for its end
+
     return pd.DataFrame(rows, columns=["path", "label", "confidence"])
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import optuna
 import torch
 
-from . import leaderboard
 from .backbones import BackboneInfo, provider_for, weights_label, weights_request
 from .config import CONFIG_ATTR, DATASET_SCHEME, RANDOM_WEIGHTS, RUN_FIELDS, SearchConfig
 from .data import ImageRef, PreparedData
@@ -85,11 +84,12 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
 
 
-def stored_config(storage: str, study_name: str) -> SearchConfig | None:
-    """The configuration saved in an existing study, or None when there is no such study."""
+def stored_config(storage: str, study_name: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> SearchConfig | None:
+    """The configuration saved in an existing study, or None when there is no such study. `heartbeat_s`:
+    the run's, so the storage opened here is the one the run then uses (opening one costs time)."""
     if sqlite_missing(storage):
         return None
-    opened = open_storage(storage, None)
+    opened = open_storage(storage, heartbeat_s)
     try:
         names = optuna.get_all_study_names(opened)
     except Exception as exc:
@@ -467,6 +467,8 @@ class Search:
                           labels=labels)
 
     def finish(self, study: optuna.Study) -> None:
+        from . import leaderboard  # pandas: only once trials are done
+
         self.score_test(study)
         frame = leaderboard.leaderboard_frame(study)
         leaderboard.write(frame, self.out)

@@ -12,7 +12,8 @@ Sections (rows tagged by `section`):
 - `size`: synthetic JPEG folders (generated once under --work: 10 classes, 90/10 train/val, sizes
   and detail of real photos, 300x225 to 640x480) at each --sizes: the cold decode into the data
   cache, the warm read of it, command to first trial, one plain epoch of a small timm model
-  (`test_resnet`, random init, every stage trained) at --image-size, and the run's peak RSS/PSS.
+  (`test_resnet`, random init, every stage trained, linear head from random init) at --image-size,
+  and the run's peak RSS/PSS.
 - `workers`: `search --workers 4` on the largest set with an empty data cache, then `--workers 1`,
   each stopped with Ctrl-C once every worker has trained for 30 s: how many processes decoded
   (lines saying so), and the workers' memory at its peak (the sum over the four processes, sampled
@@ -48,8 +49,8 @@ SHARED = ROOT.parent / "shared"
 MOBILENETS = "mobilenetv1_025_leaky_in1k,mobilenetv1_025_keras_in1k"
 CLASSES = 10
 SHAPES = ((300, 225), (400, 300), (500, 375), (375, 500), (640, 480))
-FIRST_TRIAL = re.compile(r"^trial (\d+): ")
-EPOCH = re.compile(r"^\s+trial (\d+) epoch 1/\d+: .*\(([\d.]+)s\)")
+FIRST_TRIAL = re.compile(r"^(?:\[worker \d+\] )?trial (\d+): ")  # local workers' lines carry their prefix
+EPOCH = re.compile(r"^(?:\[worker \d+\] )?\s+trial (\d+) epoch 1/\d+: .*\(([\d.]+)s\)")
 READY = re.compile(r"^images ready in ([\d.]+)s")
 SAMPLE_S = 0.25
 TRAIN_S = 30.0  # seconds the workers section lets every worker train before it presses Ctrl-C
@@ -259,7 +260,8 @@ def start_rows(work: Path, epochs: int) -> list[dict]:
 
 def _tiny_search(folder: Path, out: Path, cache: Path, image_size: int, extra: list[str]) -> list[str]:
     return ["search", "--dataset", str(folder), "--backbones", "test_resnet", "--no-pretrained", "--image-size",
-            str(image_size), "--frozen-stages", "0", "--heads", "linear", "--no-portfolio", "--epochs", "1",
+            str(image_size), "--frozen-stages", "0", "--heads", "linear", "--head-init", "random", "--no-portfolio",
+            "--epochs", "1",
             "--out", str(out), "--data-cache", str(cache), *extra]
 
 
@@ -365,22 +367,24 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     started = time.perf_counter()
-    if "start" in sections:
-        rows += start_rows(args.work, args.start_epochs)
-    if "size" in sections:
-        rows += size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size)
-    if "workers" in sections:
-        rows += worker_rows(args.work, args.workers_size, args.image_size)
-    if "overhead" in sections:
-        rows += overhead_rows(args.work, args.trials)
-    load = os.getloadavg()
-    extra = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-             "load_1m_at_end": round(load[0], 2), "bench_wall_s": round(time.perf_counter() - started)}
+    sections_run = [("start", lambda: start_rows(args.work, args.start_epochs)),
+                    ("size", lambda: size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size)),
+                    ("workers", lambda: worker_rows(args.work, args.workers_size, args.image_size)),
+                    ("overhead", lambda: overhead_rows(args.work, args.trials))]
+    for name, measure in sections_run:
+        if name in sections:
+            rows += measure()
+            save(rows, args.out, started)  # after each section: an interrupted run keeps what it measured
+    print(f"wrote {args.out}")
+
+
+def save(rows: list[dict], out: Path, started: float) -> None:
     import pandas as pd
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([{**row, **extra} for row in rows]).to_csv(args.out, index=False)  # columns in first-seen order
-    print(f"wrote {args.out}")
+    extra = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+             "load_1m": round(os.getloadavg()[0], 2), "bench_wall_s": round(time.perf_counter() - started)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{**row, **extra} for row in rows]).to_csv(out, index=False)  # columns in first-seen order
 
 
 if __name__ == "__main__":

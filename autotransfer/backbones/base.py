@@ -11,9 +11,6 @@ import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
-import torch
-from torch import nn
-
 from ..config import RANDOM_WEIGHTS
 from ..errors import UserError
 from .preprocessing import Preprocessing
@@ -21,6 +18,8 @@ from .stages import timm_stages
 from .weights import load_into, read_state_dict
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..config import SearchConfig
 
 
@@ -94,6 +93,8 @@ class CachedProvider:
         self._lock = threading.Lock()
 
     def create(self, model_name: str, weights: WeightsRequest) -> Backbone:
+        import torch
+
         key = (model_name, weights)
         with self._lock:
             if key not in self._templates:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import Backbone, BackboneInfo, CachedProvider, WeightsRequest, provider_for
 from .checkpoints import (BACKBONE_FILE, HEAD_FILE, MANIFEST, ZOO_ENV, Manifest, is_checkpoint, locate, read_manifest,
                           verified_file, zoo_folders)
 from ..errors import UserError
 from .weights import load_into, read_state_dict
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class CheckpointProvider(CachedProvider):
@@ -66,6 +69,8 @@ class CheckpointProvider(CachedProvider):
 
     def source_classifier(self, model_name: str, weights: WeightsRequest | None = None) -> nn.Module | None:
         """The source-task head (features -> source classes), for source-label scorers."""
+        from torch import nn
+
         folder = self._folder(model_name)
         manifest = read_manifest(folder)
         head = nn.Linear(manifest.num_features, len(manifest.source_classes))

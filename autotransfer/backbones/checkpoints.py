@@ -16,11 +16,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError, WeightsUnavailable
 from .preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MANIFEST = "manifest.json"
 BACKBONE_FILE = "backbone.safetensors"

@@ -4,9 +4,12 @@ groups, for any architecture that defines its groups."""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def timm_stages(model: nn.Module) -> list[list[str]]:

@@ -8,8 +8,7 @@ import copy
 import os
 from functools import lru_cache
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError, WeightsUnavailable
 from .base import Backbone, BackboneInfo, CachedProvider, WeightsRequest
@@ -17,6 +16,9 @@ from .hub import availability
 from .preprocessing import Preprocessing
 from .stages import timm_stages
 from .weights import load_into, read_state_dict, ways_out
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class TimmProvider(CachedProvider):
@@ -59,6 +61,8 @@ class TimmProvider(CachedProvider):
             return None
         module = _load_from_hub(model_name, _pretrained_cfg(model_name), keep_classifier=True)
         head = module.get_classifier()
+        from torch import nn
+
         if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
             return None
         return copy.deepcopy(head).eval()
@@ -80,6 +84,7 @@ def _pretrained_cfg(model_name: str) -> dict:
 def _create_kwargs(model_name: str) -> tuple[tuple[str, bool], ...]:
     """ViTs with a fixed patch grid get `dynamic_img_size` so any crop size works."""
     import timm
+    import torch
 
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
@@ -103,6 +108,7 @@ def _create_timm(model_name: str, pretrained: bool = False) -> nn.Module:
 def _describe_timm(model_name: str) -> BackboneInfo:
     import timm
     import timm.data
+    import torch
 
     cfg = _pretrained_cfg(model_name)
     with torch.device("meta"):

@@ -7,10 +7,13 @@ import os
 import pickle
 from pathlib import Path
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import WeightsUnavailable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def ways_out(name: str) -> str:
@@ -21,6 +24,8 @@ def ways_out(name: str) -> str:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth state dict, unwrapping the usual checkpoint envelopes."""
+    import torch
+
     file = Path(path)
     if file.is_dir():
         from .checkpoints import is_checkpoint, weights_in_folder

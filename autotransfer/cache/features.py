@@ -50,12 +50,16 @@ def tensors_digest(module: nn.Module) -> str:
 
 
 def images_digest(images: ImageSet) -> str:
-    """The decoded pixels when in memory; for streamed sets, each file's identity (path, size, mtime)."""
+    """The decoded pixels when in memory (named by their data cache key when they come from one, which
+    hashes every file's path, size and mtime); for streamed sets, each file's identity."""
     digest = hashlib.sha256()
     digest.update(images.labels.numpy().astype(np.int64).tobytes())
     digest.update(f"size={getattr(images, 'size', images.decode_size)}".encode())
+    if images.in_memory and images.pixels_key is not None:
+        digest.update(f"data-cache={images.pixels_key}".encode())
+        return digest.hexdigest()
     if images.in_memory:
-        digest.update(images.images.cpu().contiguous().numpy().tobytes())
+        digest.update(np.ascontiguousarray(images.images.cpu().numpy()))  # the buffer itself: no copy
         return digest.hexdigest()
     for ref in images.refs:
         if isinstance(ref, (bytes, bytearray)):

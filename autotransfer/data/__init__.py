@@ -17,15 +17,46 @@ Every public name of the parts is importable from here (`from autotransfer.data 
 as it was when this was one module.
 """
 
-from .sources import (
-    BUILTIN_TEST_FRACTION, BUILTIN_TEST_SEED, BuiltinSource, CsvSource, DatasetSource, FolderSource, LabelledRefs,
-    SPLITS, SPLIT_NAMES, from_torch_dataset, load_dataset)
-from .decode import (
-    ImageRef, decode_image, describe_ref, memory_budget_bytes, native_size, resize_square, to_rgb,
-    try_decode, try_verify)
-from .images import ImageSet, PreparedData, StreamedView, assign_splits, batch_order, prepare, to_device
-from .pixels import PixelCache, default_folder as default_data_cache
-from .transforms import TRAIN_RATIO, TRAIN_SCALE, centre_crop, eval_transform, normalise, train_transform
+import importlib
+from typing import TYPE_CHECKING
+
+# Each public name and the part it lives in. They load on first use (PEP 562), so registering the
+# built-in sources (the `plugins` command, a plugin's import) does not import torch.
+_PARTS = {
+    "sources": ("BUILTIN_TEST_FRACTION", "BUILTIN_TEST_SEED", "BuiltinSource", "CsvSource", "DatasetSource",
+                "FolderSource", "ImageRef", "LabelledRefs", "SPLITS", "SPLIT_NAMES", "from_torch_dataset",
+                "load_dataset", "to_rgb"),
+    "decode": ("decode_image", "describe_ref", "memory_budget_bytes", "native_size", "resize_square",
+               "try_decode", "try_verify"),
+    "images": ("ImageSet", "PreparedData", "StreamedView", "assign_splits", "batch_order", "prepare", "to_device"),
+    "pixels": ("PixelCache", "default_data_cache"),
+    "transforms": ("TRAIN_RATIO", "TRAIN_SCALE", "centre_crop", "eval_transform", "normalise", "train_transform"),
+}
+_RENAMED = {"default_data_cache": "default_folder"}
+_WHERE = {name: part for part, names in _PARTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:
+    from .decode import (decode_image, describe_ref, memory_budget_bytes, native_size, resize_square, try_decode,
+                         try_verify)
+    from .images import ImageSet, PreparedData, StreamedView, assign_splits, batch_order, prepare, to_device
+    from .pixels import PixelCache, default_folder as default_data_cache
+    from .sources import (BUILTIN_TEST_FRACTION, BUILTIN_TEST_SEED, BuiltinSource, CsvSource, DatasetSource,
+                          FolderSource, ImageRef, LabelledRefs, SPLITS, SPLIT_NAMES, from_torch_dataset, load_dataset,
+                          to_rgb)
+    from .transforms import TRAIN_RATIO, TRAIN_SCALE, centre_crop, eval_transform, normalise, train_transform
 
 __all__ = [
     "BUILTIN_TEST_FRACTION", "BUILTIN_TEST_SEED", "BuiltinSource", "CsvSource", "DatasetSource", "FolderSource",

@@ -6,15 +6,16 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .sources import ImageRef, to_rgb  # defined with the sources (which import no torch); named here too
+
 log = logging.getLogger(__package__)  # "autotransfer.data", as when this package was one module
-ImageRef = Union[Path, np.ndarray, bytes]  # a file, decoded pixels (H, W[, C]) uint8, or encoded image bytes
 
 
 # --------------------------------------------------------------------------- decoding
@@ -30,19 +31,6 @@ def decode_image(ref: ImageRef, size: int) -> torch.Tensor:
     image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits (convert() clips nearly all to white)
-        grey = np.asarray(image).astype(np.float32) / 257.0
-        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:

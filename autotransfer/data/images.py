@@ -38,6 +38,7 @@ class ImageSet:
     images: torch.Tensor | None = None          # uint8 (N, 3, S, S) when cached
     refs: list[ImageRef] | None = None          # when streamed
     decode_size: int = 0
+    pixels_key: str | None = None  # names these pixels when they are a slice of a data cache entry (pixels.py)
     _resized: dict[int, "ImageSet"] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -62,7 +63,8 @@ class ImageSet:
         """Keep cached images resident on the training device (uint8, so 4x smaller than floats)."""
         if not self.in_memory or self.images.device == device:
             return self
-        return ImageSet(self.labels.to(device), images=self.images.to(device), decode_size=self.decode_size)
+        return ImageSet(self.labels.to(device), images=self.images.to(device), decode_size=self.decode_size,
+                        pixels_key=self.pixels_key)
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,7 +189,8 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
     def subset(split: str) -> ImageSet:
         label_tensor = torch.as_tensor(refs.labels[rows[split]])
         if split in views:
-            return ImageSet(label_tensor, images=views[split], decode_size=decode_size)
+            key, images = views[split]
+            return ImageSet(label_tensor, images=images, decode_size=decode_size, pixels_key=key)
         if fits:
             images = (torch.stack([decoded[i] for i in rows[split]]) if len(rows[split]) else
                       torch.empty((0, 3, decode_size, decode_size), dtype=torch.uint8))
@@ -199,18 +202,22 @@ def prepare(refs: LabelledRefs, decode_size: int, *, val_fraction: float, seed: 
     return PreparedData(refs.name, refs.class_names, subset("train"), subset("val"), decode_size, skipped, test)
 
 
-def _cached_views(cache: "PixelCache", found, rows: dict[str, np.ndarray], decode_size: int) -> dict[str, torch.Tensor]:
-    """Each split's pixels as a slice of one mapped file: of the entry itself when every split's images
-    lie contiguous and in order there (folders per split), else of a copy in split order, kept in the
-    cache too (val carved from train), so processes share it as they share the entry."""
+def _cached_views(cache: "PixelCache", found, rows: dict[str, np.ndarray],
+                  decode_size: int) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each split's pixels as a slice of one mapped file, with a key naming that slice: of the entry
+    itself when every split's images lie contiguous and in order there (folders per split), else of a
+    copy in split order, kept in the cache too (val carved from train), so processes share it too."""
     position = np.cumsum(found.ok) - 1  # ref index -> row of the entry's pixels
     at = {name: position[index] for name, index in rows.items()}
     if all(len(p) == 0 or (p[-1] - p[0] + 1 == len(p) and (np.diff(p) == 1).all()) for p in at.values()):
-        return {name: found.pixels[p[0]:p[-1] + 1] if len(p) else found.pixels[:0] for name, p in at.items()}
+        starts = {name: int(p[0]) if len(p) else 0 for name, p in at.items()}
+        return {name: (f"{found.key}[{starts[name]}:{starts[name] + len(p)}]",
+                       found.pixels[starts[name]:starts[name] + len(p)]) for name, p in at.items()}
     order = np.concatenate([at[name] for name in rows])
-    pixels = cache.derived(found, order, decode_size)
+    key, pixels = cache.derived(found, order, decode_size)
     bounds = np.cumsum([0] + [len(at[name]) for name in rows])
-    return {name: pixels[bounds[i]:bounds[i + 1]] for i, name in enumerate(rows)}
+    return {name: (f"{key}[{bounds[i]}:{bounds[i + 1]}]", pixels[bounds[i]:bounds[i + 1]])
+            for i, name in enumerate(rows)}
 
 
 def assign_splits(labels: np.ndarray, given: np.ndarray | None, class_names: list[str], val_fraction: float,

@@ -104,9 +104,9 @@ class PixelCache:
             raise RuntimeError(f"the data cache entry {self.folder / key} just written does not read back")
         return Decoded(found.pixels, found.ok, key, built=True)
 
-    def derived(self, base: Decoded, order: np.ndarray, decode_size: int) -> torch.Tensor:
+    def derived(self, base: Decoded, order: np.ndarray, decode_size: int) -> tuple[str, torch.Tensor]:
         """`base.pixels[order]` as an entry of its own (built by copying, not decoding), so a reordering
-        (splits carved from train) is shared by every process too."""
+        (splits carved from train) is shared by every process too; returns its key and pixels."""
         tag = hashlib.sha256(np.ascontiguousarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
         key = f"{base.key}-{tag}"
         found = self._open(key, len(order), decode_size)
@@ -120,7 +120,7 @@ class PixelCache:
                     found = self._open(key, len(order), decode_size)
         if found is None:
             raise RuntimeError(f"the data cache entry {self.folder / key} just written does not read back")
-        return found.pixels
+        return key, found.pixels
 
     # -- entries
     def _build(self, key: str, refs: Sequence[ImageRef], decode_size: int) -> None:

@@ -12,14 +12,18 @@ import csv
 import io
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 from pathlib import Path
 
 import numpy as np
-import torch
+from PIL import Image
 
 from ..errors import UserError
-from .decode import ImageRef, to_rgb
+
+if TYPE_CHECKING:
+    import torch
+
+ImageRef = Union[Path, np.ndarray, bytes]  # a file, decoded pixels (H, W[, C]) uint8, or encoded image bytes
 
 
 log = logging.getLogger(__package__)  # "autotransfer.data", as when this package was one module
@@ -89,12 +93,11 @@ def from_torch_dataset(dataset, name: str) -> LabelledRefs:
     [0, 1]; class names come from `dataset.classes` when it has them. Every item is read once here,
     so the dataset's own transforms should not augment.
     """
-    from PIL import Image as PILImage
-
+    import torch
     refs, labels = [], []
     for index in range(len(dataset)):
         image, label = dataset[index]
-        if isinstance(image, PILImage.Image):
+        if isinstance(image, Image.Image):
             array = np.asarray(to_rgb(image), dtype=np.uint8)
         elif isinstance(image, torch.Tensor):
             tensor = image.detach().cpu()
@@ -122,6 +125,8 @@ def load_dataset(source: DatasetSource, uri: str) -> LabelledRefs:
     loaded = source.load(uri)
     if isinstance(loaded, LabelledRefs):
         return loaded
+    import torch
+
     if isinstance(loaded, torch.utils.data.Dataset) and hasattr(loaded, "__len__"):
         return from_torch_dataset(loaded, getattr(loaded, "name", None) or uri)
     raise UserError(f"dataset source {source.name!r} returned {type(loaded).__name__} for {uri!r}; "
@@ -308,3 +313,17 @@ def _loops_back(link: Path, parent: Path) -> bool:
 def _scan_classes(root: Path) -> dict[str, list[Path]]:
     return {d.name: sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
             for d in _subdirs(root)}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: 16-bit grey scaled to 8 bits, transparency composited on white."""
+    if image.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits (convert() clips nearly all to white)
+        grey = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -13,9 +13,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from autotransfer.backbones import (
     Backbone,
@@ -28,6 +26,10 @@ from autotransfer.backbones import (
     timm_stages,
 )
 from autotransfer.errors import UserError, WeightsUnavailable
+
+if TYPE_CHECKING:  # torch loads when a backbone is built, not when the plugin registers
+    import torch
+    from torch import nn
 
 ENV_VAR = "AUTOTRANSFER_MOBILENETV1_WEIGHTS"
 WIDTH = 0.25
@@ -80,6 +82,8 @@ def _spec(model_name: str) -> Spec:
 
 def build_module(model_name: str, num_classes: int = 0) -> nn.Module:
     """The architecture of `model_name`, randomly initialised (pooled features when num_classes=0)."""
+    from torch import nn
+
     spec = _spec(model_name)
     try:
         from timm.models.efficientnet import _gen_mobilenet_v1
@@ -100,6 +104,8 @@ def build_module(model_name: str, num_classes: int = 0) -> nn.Module:
 @lru_cache(maxsize=None)
 def describe(model_name: str) -> BackboneInfo:
     """Stages and feature width from a module built on the meta device: no memory, no weights."""
+    import torch
+
     spec = _spec(model_name)
     with torch.device("meta"):
         module = build_module(model_name)
@@ -205,6 +211,8 @@ def source_classifier(model_name: str, weights: WeightsRequest | None = None) ->
         return None
     state, source = load_state(model_name, weights or WeightsRequest(pretrained=True))
     head_state = {k.removeprefix(CLASSIFIER_PREFIX): v for k, v in state.items() if k.startswith(CLASSIFIER_PREFIX)}
+    from torch import nn
+
     head = nn.Linear(describe(model_name).num_features, NUM_SOURCE_CLASSES)
     load_into(head, head_state, name=f"{model_name} classifier", origin=source.removeprefix("file:"))
     return head.eval()
