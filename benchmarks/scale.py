@@ -286,7 +286,7 @@ def size_rows(work: Path, sizes: list[int], image_size: int) -> list[dict]:
     return rows
 
 
-def worker_rows(work: Path, count: int, image_size: int) -> list[dict]:
+def worker_rows(work: Path, count: int, image_size: int, train_s: float = TRAIN_S) -> list[dict]:
     folder = synthetic_folder(work, count)
     cache = work / f"data-cache-workers-{count}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -294,15 +294,15 @@ def worker_rows(work: Path, count: int, image_size: int) -> list[dict]:
     for workers in (4, 1):  # four first, on the empty cache: the decode happens once, in the parent
         out = work / f"workers-{count}-{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        # Each worker's trial is stopped (Ctrl-C) after TRAIN_S of training: its images are mapped, read
+        # Each worker's trial is stopped (Ctrl-C) after `train_s` of training: its images are mapped, read
         # (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch on
         # four processes sharing two cores would take a quarter of an hour and show nothing more.
         result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
-                                                                   str(workers)]), stop_after=(workers, TRAIN_S))
+                                                                   str(workers)]), stop_after=(workers, train_s))
         rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
                      "images": count, "workers": workers, "decoded": result.count("into the data cache"),
                      "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
-                     "trained_s_before_ctrl_c": TRAIN_S,
+                     "trained_s_before_ctrl_c": train_s,
                      "parent_peak_pss_mb": _mb(result.peak_pss),
                      "workers_peak_rss_mb": _mb(result.workers_peak_rss),
                      "workers_peak_pss_mb": _mb(result.workers_peak_pss),
@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=152, help="crop size of the synthetic searches "
                         "(test_resnet's crop_pct 0.95: 152 px decodes at 160 px, 77 kB an image)")
     parser.add_argument("--start-epochs", type=int, default=4)
+    parser.add_argument("--train-s", type=float, default=TRAIN_S, help="seconds every worker trains before Ctrl-C")
     parser.add_argument("--trials", type=int, default=100, help="trials of the overhead section")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autotransfer-scale"),
                         help="scratch folder (the 50k set and its caches take about 5 GB)")
@@ -369,7 +370,7 @@ def main() -> None:
     started = time.perf_counter()
     sections_run = [("start", lambda: start_rows(args.work, args.start_epochs)),
                     ("size", lambda: size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size)),
-                    ("workers", lambda: worker_rows(args.work, args.workers_size, args.image_size)),
+                    ("workers", lambda: worker_rows(args.work, args.workers_size, args.image_size, args.train_s)),
                     ("overhead", lambda: overhead_rows(args.work, args.trials))]
     for name, measure in sections_run:
         if name in sections:

@@ -82,12 +82,12 @@ def parse_cases(text: str) -> list[Case]:
 # --------------------------------------------------------------------------- the shared setup
 
 def prepared(dataset: str, backbones: list[str], image_size: int, device: str, seed: int, work: Path) -> Search:
-    """The data exactly as a trial sees it: decoded once, split, resized, in memory."""
+    """The data exactly as a trial sees it: decoded once into the data cache and mapped from it, split."""
     weights = {name: "random" for name in backbones if name in RANDOM_INIT}
     config = SearchConfig(dataset=dataset, backbones=backbones, weights=weights, image_size=image_size,
                           seed=seed).validate()
-    search = Search(config, RunOptions(out=work, storage="", study_name="",
-                                       device=device, quiet=True))
+    search = Search(config, RunOptions(out=work, storage="", study_name="", device=device, quiet=True,
+                                       data_cache=work / "data-cache"))  # as the CLI reads them: memory-mapped
     search.prepare()
     return search
 
