@@ -26,13 +26,16 @@ Sections (rows tagged by `section`):
 
     .venv/bin/python benchmarks/scale.py                       # writes benchmarks/results/scale-cpu.csv
     .venv/bin/python benchmarks/scale.py --sizes 5000 --sections size   # one part
+    python benchmarks/scale.py --device cuda                   # a GPU machine: scale-cuda.csv
+
+Every search runs with the --device given here (default cpu); on CUDA the workers section puts its four
+workers on one GPU (`--trials-per-gpu 4`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import signal
@@ -53,6 +56,7 @@ FIRST_TRIAL = re.compile(r"^(?:\[worker \d+\] )?trial (\d+): ")  # local workers
 EPOCH = re.compile(r"^(?:\[worker \d+\] )?\s+trial (\d+) epoch 1/\d+: .*\(([\d.]+)s\)")
 READY = re.compile(r"^images ready in ([\d.]+)s")
 SAMPLE_S = 0.25
+DEVICE = ["--device", "cpu"]  # the searches' device flag, set from --device in main()
 TRAIN_S = 30.0  # seconds the workers section lets every worker train before it presses Ctrl-C
 
 
@@ -170,10 +174,13 @@ class Run:
 def run(args: list[str], env: dict | None = None, stop_after: tuple[int, float] | None = None) -> Run:
     """Run the CLI; with `stop_after` (trials, seconds), press Ctrl-C (SIGINT to its process group) once
     that many trials have started and then that many seconds have passed, as a user would."""
-    command = [sys.executable, "-m", "autotransfer.cli", *args]
+    command = [sys.executable, "-m", "autotransfer.cli", *args, *DEVICE]
+    # Python's default is to cache compiled bytecode; a sandbox's PYTHONDONTWRITEBYTECODE would make every
+    # run recompile the package, which no user's rerun pays.
+    base = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})}, start_new_session=True)
+                               env={**base, **(env or {})}, start_new_session=True)
     lines: list[tuple[float, str]] = []
     result = Run(lines, 0, 0.0)
     workers: dict[int, int] = {}
@@ -297,8 +304,10 @@ def worker_rows(work: Path, count: int, image_size: int, train_s: float = TRAIN_
         # Each worker's trial is stopped (Ctrl-C) after `train_s` of training: its images are mapped, read
         # (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch on
         # four processes sharing two cores would take a quarter of an hour and show nothing more.
+        per_gpu = ["--trials-per-gpu", str(workers)] if DEVICE[1] != "cpu" else []
         result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
-                                                                   str(workers)]), stop_after=(workers, train_s))
+                                                                   str(workers), *per_gpu]),
+                     stop_after=(workers, train_s))
         rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
                      "images": count, "workers": workers, "decoded": result.count("into the data cache"),
                      "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
@@ -362,8 +371,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100, help="trials of the overhead section")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autotransfer-scale"),
                         help="scratch folder (the 50k set and its caches take about 5 GB)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale-cpu.csv")
+    parser.add_argument("--device", default="cpu", help="the searches' --device: cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV path (default benchmarks/results/scale-<device type>.csv)")
     args = parser.parse_args()
+    DEVICE[1] = args.device
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"scale-{args.device.split(':')[0]}.csv"
     sections = set(args.sections.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -375,14 +388,29 @@ def main() -> None:
     for name, measure in sections_run:
         if name in sections:
             rows += measure()
-            save(rows, args.out, started)  # after each section: an interrupted run keeps what it measured
+            save(rows, args.out, started, args.device)  # after each section: an interrupted run keeps what it measured
     print(f"wrote {args.out}")
 
 
-def save(rows: list[dict], out: Path, started: float) -> None:
+def cpu_model() -> str:
+    from autotransfer.bench.store import cpu_model as model  # the bench's reading of /proc/cpuinfo
+
+    return model()
+
+
+def gpu_name(device: str) -> str:
+    if device == "cpu":
+        return "none"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def save(rows: list[dict], out: Path, started: float, device: str) -> None:
     import pandas as pd
 
-    extra = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    extra = {"device": device, "gpu": gpu_name(device), "cpu": cpu_model(),
+             "cores": os.cpu_count(),
              "load_1m": round(os.getloadavg()[0], 2), "bench_wall_s": round(time.perf_counter() - started)}
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{**row, **extra} for row in rows]).to_csv(out, index=False)  # columns in first-seen order

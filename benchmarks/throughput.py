@@ -29,7 +29,6 @@ import argparse
 import copy
 import csv
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from autotransfer.backbones import provider_for  # noqa: E402
+from autotransfer.bench.store import cpu_model  # noqa: E402
 from autotransfer.config import SearchConfig  # noqa: E402
 from autotransfer.data import train_transform  # noqa: E402
 from autotransfer.heads import HeadConfig  # noqa: E402
@@ -341,7 +341,7 @@ def search_rows(dataset: str, backbones: list[str], trials: int, epochs: int | N
 
 def environment(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu,
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__}
 
 
