@@ -4,6 +4,7 @@ plugins, bench."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -587,5 +589,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The program's entry (the `autotransfer` script, `python -m autotransfer.cli`, local workers): main(),
+    then exit without the interpreter's last garbage collections walking the import heap. With torch,
+    timm and optuna loaded those passes take seconds at every exit and free nothing the process's end
+    does not; gc.freeze() moves every object out of their reach (refcounting and atexit still run). Run
+    the CLI in-process with main(), which leaves the collector as it is."""
+    code = main(argv)
+    sys.stdout.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

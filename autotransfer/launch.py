@@ -108,7 +108,7 @@ class LocalWorkers:
 # imported by the worker; drop it, so workers load installed code and explicit --plugin files only.
 WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
                 "from autotransfer.launch import supervised; supervised(); "
-                "from autotransfer.cli import main; sys.exit(main(sys.argv[1:]))")
+                "from autotransfer.cli import run; run(sys.argv[1:])")
 PARENT_ENV = "AUTOTRANSFER_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _supervised = False

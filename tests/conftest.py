@@ -53,3 +53,12 @@ def main_error(capsys, *args: str) -> str:
     lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def pytest_collection_finish(session) -> None:
+    """Once every test module (and torch, timm, optuna with them) is imported, move those objects out of
+    the garbage collector's full passes, which would otherwise walk the whole import heap each time; the
+    tests' own objects stay collectable (gc.freeze)."""
+    import gc
+
+    gc.freeze()

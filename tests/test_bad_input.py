@@ -56,6 +56,7 @@ def test_every_trial_failing_exits_1_and_names_the_reason(tmp_path, capsys, monk
     assert len(trials) == 3  # the failed trials stay in the study
 
 
+@pytest.mark.slow
 def test_a_prerank_typo_is_refused_before_the_study_is_stored(tmp_path, capsys):
     out = tmp_path / "p"
     assert main(["search", *TINY, "--trials", "1", "--out", str(out), "--prerank", "logmee"]) == 2
@@ -202,6 +203,7 @@ def _open_fresh(url: str, barrier, results) -> None:
         results.put(str(exc))
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_sqlite_file_together_all_succeed(tmp_path):
     """Each used to create Optuna's tables itself: "table studies already exists" or "database is locked",
     reported as "check the URL ... server is running". Schema set-up now runs one process at a time."""
@@ -253,6 +255,7 @@ def test_a_queued_trial_on_sqlite_is_taken_by_one_worker_only(tmp_path):
     assert sum(claims) == len(trial_ids)
 
 
+@pytest.mark.slow
 def test_a_configuration_already_finished_is_not_run_again(tmp_path, capsys):
     out = tmp_path / "dup"
     assert main(["search", *TINY, "--trials", "1", "--out", str(out)]) == 0

@@ -144,6 +144,7 @@ def test_predict_reproduces_the_accuracy_of_a_cached_trial(tmp_path, frozen, pat
     assert (preds["label"] == truth).mean() == pytest.approx(best["val_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_leaderboard_command_rebuilds_from_storage(tmp_path, capsys):
     out = tmp_path / "lb"
     assert main(["search", "--dataset", "builtin:digits", "--backbones", "test_efficientnet", "--no-pretrained",

@@ -260,6 +260,7 @@ def test_search_records_the_cache_path_of_every_trial(tmp_path):
                                               t.user_attrs.get("head_init") == "probe" for t in study.trials)
 
 
+@pytest.mark.slow
 def test_trials_reuse_the_features_prerank_extracted(tmp_path):
     out = tmp_path / "p"
     assert main(["search", "--dataset", "builtin:digits:0-4", "--backbones", "test_resnet,test_efficientnet",

@@ -112,6 +112,7 @@ print(PixelCache(Path(sys.argv[2])).open_or_build(refs, 16).built)
 """
 
 
+@pytest.mark.slow
 def test_processes_that_start_together_decode_once(tmp_path):
     images = tmp_path / "images"
     _files(images, 300)  # more than one chunk, so the build takes a while
@@ -150,6 +151,7 @@ def test_prepare_with_the_cache_gives_the_splits_of_the_in_process_decode(tmp_pa
     assert len(entries) == (2 if layout == "val carved from train" else 1)  # a split-ordered copy when carved
 
 
+@pytest.mark.slow
 def test_search_reads_the_cache_on_a_rerun_and_no_data_cache_writes_none(tmp_path):
     args = ["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
             "--image-size", "16", "--epochs", "1", "--no-portfolio", "--trials", "1"]

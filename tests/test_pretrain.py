@@ -92,6 +92,7 @@ def test_checkpoint_weights_reach_the_trial(checkpoint):
     assert classifier.out_features == 5
 
 
+@pytest.mark.slow
 def test_zoo_name_and_weights_flag(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTRANSFER_ZOO", str(checkpoint.parent))
     reset_registries()

@@ -175,6 +175,7 @@ def test_a_study_whose_parameters_never_differ_says_importances_are_absent(tmp_p
     assert 'id="plot-parallel"' in page and page.count(PLOTLYJS_START) == 1
 
 
+@pytest.mark.slow
 def test_without_plotly_the_report_keeps_tables_and_confusions_and_says_how_to_get_plots(tmp_path):
     storage = f"sqlite:///{tmp_path / 't.db'}"
     tiny_study(storage, [0.5, 0.7, 0.6, 0.9])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HEAVY = ("torch", "timm", "optuna", "sklearn", "pandas", "tensorboard", "matplotlib", "plotly", "scipy")
 
 _LOADED = """
@@ -41,6 +43,7 @@ def test_plugins_lists_every_plugin_without_torch():
     assert listed.returncode == 0 and "timm" in listed.stdout, listed.stderr
 
 
+@pytest.mark.slow
 def test_a_search_reaches_its_first_trial_without_pandas_or_plotting():
     """Up to the first trial a search needs torch, timm and optuna, not tensorboard or plotting (the
     report, at its end). A folder of images with train/ and val/ needs no scikit-learn (the built-in
