@@ -7,6 +7,14 @@
 #   bash benchmarks/gpu_session.sh OUTDIR [SECONDS]
 #
 # Needs autotransfer and the MobileNetV1 plugin importable, and ../shared (hymenoptera, weights).
+# On a lent machine whose Python lacks optuna (the workplace's device tool): build the wheels here,
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl optuna sqlalchemy alembic mako colorlog timm==<ours>
+#   .venv/bin/pip wheel --no-deps -w .whl . plugins/autotransfer-mobilenetv1
+# copy ../shared/datasets/hymenoptera and ../shared/weights into .gpu/shared (both folders ignored), and
+# run there, carrying .whl and .gpu:
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   [ -e ../shared ] || ln -s "$PWD/.gpu/shared" ../shared; bash benchmarks/gpu_session.sh "$OUT" 530
 # SECONDS (default 540) is the whole session's deadline: every step gets at most what is left, so a
 # slow step cuts the later ones short instead of the run losing everything. Each step's output goes to
 # OUTDIR/log.txt with its exit status and seconds; the CSVs and a tarball of the run folders' small
