@@ -43,6 +43,22 @@ def test_plugins_lists_every_plugin_without_torch():
     assert listed.returncode == 0 and "timm" in listed.stdout, listed.stderr
 
 
+def test_the_program_exits_with_main_s_status_and_its_heap_frozen():
+    """cli.run (the script, python -m, local workers) returns main's exit status and freezes the heap
+    before the interpreter's last collections; main() in-process leaves the collector alone."""
+    probe = ("import atexit, gc, sys\n"
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0, file=sys.stderr))\n"
+             "from autotransfer.cli import main, run\n"
+             "main(['plugins'])\n"
+             "print('after main', gc.get_freeze_count() > 0, file=sys.stderr)\n"
+             "run(sys.argv[1:])\n")
+    ok = subprocess.run([sys.executable, "-c", probe, "plugins"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "after main False" in ok.stderr and "frozen True" in ok.stderr, ok.stderr
+    bad = subprocess.run([sys.executable, "-c", probe, "plugins", "--plugin", "no_such_plugin_module"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "frozen True" in bad.stderr, bad.stderr
+
+
 @pytest.mark.slow
 def test_a_search_reaches_its_first_trial_without_pandas_or_plotting():
     """Up to the first trial a search needs torch, timm and optuna, not tensorboard or plotting (the
