@@ -375,6 +375,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV path (default benchmarks/results/scale-<device type>.csv)")
     args = parser.parse_args()
+    # Started in the background (nohup, `cmd &`), this process inherits SIGINT ignored, and so would the
+    # searches it runs: then the workers section's Ctrl-C would do nothing. A handler is reset to the
+    # default in an exec'd child, an ignored signal is not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     DEVICE[1] = args.device
     args.out = args.out or ROOT / "benchmarks" / "results" / f"scale-{args.device.split(':')[0]}.csv"
     sections = set(args.sections.split(","))
