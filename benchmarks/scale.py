@@ -47,6 +47,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autotransfer.bench.store import cpu_model  # the bench's reading of /proc/cpuinfo
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MOBILENETS = "mobilenetv1_025_leaky_in1k,mobilenetv1_025_keras_in1k"
@@ -56,7 +58,6 @@ FIRST_TRIAL = re.compile(r"^(?:\[worker \d+\] )?trial (\d+): ")  # local workers
 EPOCH = re.compile(r"^(?:\[worker \d+\] )?\s+trial (\d+) epoch 1/\d+: .*\(([\d.]+)s\)")
 READY = re.compile(r"^images ready in ([\d.]+)s")
 SAMPLE_S = 0.25
-DEVICE = ["--device", "cpu"]  # the searches' device flag, set from --device in main()
 TRAIN_S = 30.0  # seconds the workers section lets every worker train before it presses Ctrl-C
 
 
@@ -171,10 +172,11 @@ class Run:
         return sum(needle in text for _, text in self.lines)
 
 
-def run(args: list[str], env: dict | None = None, stop_after: tuple[int, float] | None = None) -> Run:
+def run(args: list[str], device: str, env: dict | None = None, stop_after: tuple[int, float] | None = None) -> Run:
     """Run the CLI; with `stop_after` (trials, seconds), press Ctrl-C (SIGINT to its process group) once
-    that many trials have started and then that many seconds have passed, as a user would."""
-    command = [sys.executable, "-m", "autotransfer.cli", *args, *DEVICE]
+    that many trials have started and then that many seconds have passed, as a user would. Every search
+    runs on `device`."""
+    command = [sys.executable, "-m", "autotransfer.cli", *args, "--device", device]
     # Python's default is to cache compiled bytecode; a sandbox's PYTHONDONTWRITEBYTECODE would make every
     # run recompile the package, which no user's rerun pays.
     base = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
@@ -244,7 +246,7 @@ def _epoch(result: Run) -> float | None:
 
 # --------------------------------------------------------------------------- sections
 
-def start_rows(work: Path, epochs: int) -> list[dict]:
+def start_rows(work: Path, epochs: int, device: str) -> list[dict]:
     dataset = SHARED / "datasets" / "hymenoptera"
     if not dataset.is_dir():
         print(f"skipping the start section: {dataset} does not exist", flush=True)
@@ -256,7 +258,7 @@ def start_rows(work: Path, epochs: int) -> list[dict]:
     rows = []
     for case, extra in (("cold", ["--trials", "1"]), ("warm rerun", ["--trials", "2"]),
                         ("warm rerun --no-data-cache", ["--trials", "3", "--no-data-cache"])):
-        result = run([*base, *extra], env)
+        result = run([*base, *extra], device, env)
         rows.append({"section": "start", "dataset": "hymenoptera", "case": case, "images": 398,
                      "to_first_trial_s": _first_trial(result), "images_ready_s": _ready(result),
                      "wall_s": round(result.wall_s, 1), "peak_rss_mb": _mb(result.peak_rss),
@@ -272,7 +274,7 @@ def _tiny_search(folder: Path, out: Path, cache: Path, image_size: int, extra: l
             "--out", str(out), "--data-cache", str(cache), *extra]
 
 
-def size_rows(work: Path, sizes: list[int], image_size: int) -> list[dict]:
+def size_rows(work: Path, sizes: list[int], image_size: int, device: str) -> list[dict]:
     rows = []
     for count in sizes:
         folder = synthetic_folder(work, count)
@@ -282,7 +284,7 @@ def size_rows(work: Path, sizes: list[int], image_size: int) -> list[dict]:
             out = work / f"size-{count}-{case}"
             shutil.rmtree(out, ignore_errors=True)
             extra = ["--trials", "1"] + (["--create-only"] if case == "cold" else [])
-            result = run(_tiny_search(folder, out, cache, image_size, extra))
+            result = run(_tiny_search(folder, out, cache, image_size, extra), device)
             rows.append({"section": "size", "dataset": f"synthetic-{count}", "case": case, "images": count,
                          "decoded": result.count("into the data cache"), "images_ready_s": _ready(result),
                          "to_first_trial_s": _first_trial(result), "epoch_s": _epoch(result),
@@ -293,7 +295,7 @@ def size_rows(work: Path, sizes: list[int], image_size: int) -> list[dict]:
     return rows
 
 
-def worker_rows(work: Path, count: int, image_size: int, train_s: float = TRAIN_S) -> list[dict]:
+def worker_rows(work: Path, count: int, image_size: int, device: str, train_s: float = TRAIN_S) -> list[dict]:
     folder = synthetic_folder(work, count)
     cache = work / f"data-cache-workers-{count}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -304,10 +306,10 @@ def worker_rows(work: Path, count: int, image_size: int, train_s: float = TRAIN_
         # Each worker's trial is stopped (Ctrl-C) after `train_s` of training: its images are mapped, read
         # (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch on
         # four processes sharing two cores would take a quarter of an hour and show nothing more.
-        per_gpu = ["--trials-per-gpu", str(workers)] if DEVICE[1] != "cpu" else []
+        per_gpu = ["--trials-per-gpu", str(workers)] if device != "cpu" else []
         result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
                                                                    str(workers), *per_gpu]),
-                     stop_after=(workers, train_s))
+                     device, stop_after=(workers, train_s))
         rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
                      "images": count, "workers": workers, "decoded": result.count("into the data cache"),
                      "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
@@ -324,13 +326,13 @@ def worker_rows(work: Path, count: int, image_size: int, train_s: float = TRAIN_
     return rows
 
 
-def overhead_rows(work: Path, trials: int) -> list[dict]:
+def overhead_rows(work: Path, trials: int, device: str) -> list[dict]:
     import optuna
 
     out = work / "overhead"
     shutil.rmtree(out, ignore_errors=True)
     result = run(["search", "--dataset", "builtin:digits:0-2", "--backbones", "test_resnet", "--no-pretrained",
-                  "--image-size", "16", "--epochs", "1", "--trials", str(trials), "--out", str(out)])
+                  "--image-size", "16", "--epochs", "1", "--trials", str(trials), "--out", str(out)], device)
     study = optuna.load_study(study_name="digits-0-2", storage=f"sqlite:///{out / 'study.db'}")
     done = sorted((t for t in study.trials if t.datetime_complete is not None), key=lambda t: t.datetime_start)
     first_start, last_end = done[0].datetime_start, max(t.datetime_complete for t in done)
@@ -379,27 +381,20 @@ def main() -> None:
     # searches it runs: then the workers section's Ctrl-C would do nothing. A handler is reset to the
     # default in an exec'd child, an ignored signal is not.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    DEVICE[1] = args.device
     args.out = args.out or ROOT / "benchmarks" / "results" / f"scale-{args.device.split(':')[0]}.csv"
     sections = set(args.sections.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     started = time.perf_counter()
-    sections_run = [("start", lambda: start_rows(args.work, args.start_epochs)),
-                    ("size", lambda: size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size)),
-                    ("workers", lambda: worker_rows(args.work, args.workers_size, args.image_size, args.train_s)),
-                    ("overhead", lambda: overhead_rows(args.work, args.trials))]
+    sections_run = [("start", lambda: start_rows(args.work, args.start_epochs, args.device)),
+                    ("size", lambda: size_rows(args.work, [int(n) for n in args.sizes.split(",")], args.image_size, args.device)),
+                    ("workers", lambda: worker_rows(args.work, args.workers_size, args.image_size, args.device, args.train_s)),
+                    ("overhead", lambda: overhead_rows(args.work, args.trials, args.device))]
     for name, measure in sections_run:
         if name in sections:
             rows += measure()
             save(rows, args.out, started, args.device)  # after each section: an interrupted run keeps what it measured
     print(f"wrote {args.out}")
-
-
-def cpu_model() -> str:
-    from autotransfer.bench.store import cpu_model as model  # the bench's reading of /proc/cpuinfo
-
-    return model()
 
 
 def gpu_name(device: str) -> str:
