@@ -1,5 +1,5 @@
 """The `autotransfer` command line: search, worker, leaderboard, report, predict, export, pretrain, rank,
-plugins, bench."""
+plugins, server, bench."""
 
 from __future__ import annotations
 
@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(sub, shared)
     _rank_parser(sub, shared)
     sub.add_parser("plugins", help="list loaded plugins and what they register", parents=[shared["plugin"]])
+    p = sub.add_parser("server", help="the warm servers that start commands without re-importing torch "
+                                      "(AUTOTRANSFER_WARM=0 turns them off)")
+    p.add_argument("action", choices=("start", "status", "stop"),
+                   help="start: start one for this environment and wait until it is ready; status: list this "
+                        "user's servers; stop: stop them (running commands finish first)")
     _bench_parser(sub, shared)
     return parser
 
@@ -539,6 +544,33 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from . import warm
+
+    if not warm.supported():
+        print("warm servers need Linux (fork, pidfd_open, descriptor passing); commands run in their own process")
+        return 0
+    if args.action == "start":
+        if not warm.enabled():
+            raise UserError(f"{warm.ENV_SWITCH}=0 turns warm servers off; unset it to start one")
+        try:
+            pid, started = warm.ensure_server(dict(os.environ))
+        except OSError as exc:
+            raise UserError(str(exc)) from None
+        print(f"warm server {'started' if started else 'already running'}: pid {pid}")
+        return 0
+    if args.action == "stop":
+        stopped = warm.stop_servers()
+        print(f"stopped {len(stopped)} warm server(s)" + (f": pid {', '.join(map(str, stopped))}" if stopped else ""))
+        return 0
+    found = warm.servers()
+    state = "off (AUTOTRANSFER_WARM=0)" if not warm.enabled() else "on"
+    print(f"warm start: {state}; {len(found)} server(s) running")
+    for pid, path, ready in found:
+        print(f"  pid {pid}  {'ready' if ready else 'importing'}  {path}")
+    return 0
+
+
 def _stopped_by(stop: KeyboardInterrupt) -> str:
     return "stopped by SIGTERM" if getattr(stop, "signum", None) == signal.SIGTERM else "interrupted"
 
@@ -570,15 +602,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"bench": _bench, "search": _search, "worker": _worker, "leaderboard": _leaderboard, "report": _report, "predict": _predict,
             "export": _export, "pretrain": _pretrain,
-            "rank": _rank, "plugins": _plugins}
+            "rank": _rank, "plugins": _plugins, "server": _server}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.tensorboard")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .warm import set_environ_defaults
+
+    set_environ_defaults()
     args = build_parser().parse_args(argv)  # --help and bad flags end here, before anything heavy is imported
-    if args.command != "plugins":
+    if args.command not in ("plugins", "server"):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -590,8 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
-    """The program's entry (the `autotransfer` script, `python -m autotransfer.cli`, local workers): main(),
-    then exit without the interpreter's last garbage collections walking the import heap. With torch,
+    """A command in this process (`python -m autotransfer.cli`): main(), then exit without the interpreter's last garbage collections walking the import heap. With torch,
     timm and optuna loaded those passes take seconds at every exit and free nothing the process's end
     does not; gc.freeze() moves every object out of their reach (refcounting and atexit still run). Run
     the CLI in-process with main(), which leaves the collector as it is."""

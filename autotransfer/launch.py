@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-from .config import parse_list
 from .errors import UserError
 
 
@@ -29,6 +28,8 @@ class WorkerPlan:
 
 def parse_gpus(text: str | None, visible: int) -> list[str]:
     """`--gpus 0,2`; default every visible GPU (none on a CPU-only machine)."""
+    from .config import parse_list  # not at the top: a worker's entry (entry.run) imports this module before it knows whether a warm server runs it
+
     if text is None:
         return [str(i) for i in range(visible)]
     tokens = parse_list(text)
@@ -108,7 +109,7 @@ class LocalWorkers:
 # imported by the worker; drop it, so workers load installed code and explicit --plugin files only.
 WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
                 "from autotransfer.launch import supervised; supervised(); "
-                "from autotransfer.cli import run; run(sys.argv[1:])")
+                "from autotransfer.entry import run; run(sys.argv[1:])")
 PARENT_ENV = "AUTOTRANSFER_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _supervised = False
@@ -129,6 +130,14 @@ def supervised() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent:  # it died before the line above took effect
         sys.exit(128 + signal.SIGTERM)
+    sys.stderr = _ToParent(sys.stderr)
+
+
+def adopt_supervision() -> None:
+    """In a worker's command forked by the warm server (warm.py) for a supervised caller: speak and write as a
+    supervised worker. The caller keeps the parent-death signal, which it forwards."""
+    global _supervised
+    _supervised = True
     sys.stderr = _ToParent(sys.stderr)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What CI cannot run, in one go on a GPU machine: the CUDA paths end to end (mixed precision, the
-# caches on the GPU, resume, several trials per GPU, predict and export of a GPU-trained model), then
+# caches on the GPU, resume, a resume through a warm server, several trials per GPU, predict and export
+# of a GPU-trained model), then
 # benchmarks/throughput.py and benchmarks/scale.py on CUDA, then the fast test lane with the GPU
 # visible (tests that leave --device at auto train on it).
 #
@@ -60,6 +61,11 @@ step search 120 "${cli[@]}" search --dataset "$hym" --backbones "$mobilenets" --
   --device "$device" --out "$work/hym"
 step resume 60 "${cli[@]}" search --dataset "$hym" --backbones "$mobilenets" --trials 14 --epochs 4 \
   --device "$device" --out "$work/hym"
+# The same study resumed through a warm server (warm.py): its fork, not the server, initialises CUDA.
+export AUTOTRANSFER_WARM_DIR=$work/warm
+step warm 90 bash -c "python3 -m autotransfer server start && python3 -m autotransfer search --dataset $hym \
+  --backbones $mobilenets --trials 15 --epochs 4 --device $device --out $work/hym; rc=\$?; \
+  python3 -m autotransfer server stop; exit \$rc"
 # Several trials on one GPU: the same 8 trials (every stage trainable: the plain path) by one worker,
 # then by two sharing the GPU; the wall times give trials per hour (docs/distributed.md).
 for n in 1 2; do

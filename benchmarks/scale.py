@@ -1,25 +1,29 @@
 """How a search's cost grows: start-up, decoding, memory with several workers, epochs from 5k to 50k
 images, and per-trial overhead at 100 trials. Every number comes from the real command line
-(`python -m autotransfer.cli search ...`), run as a user runs it, with its stderr lines time-stamped
+(`python -m autotransfer search ...`, the `autotransfer` script), run as a user runs it, with its stderr lines time-stamped
 as they arrive and its process tree's memory sampled from /proc.
 
 Sections (rows tagged by `section`):
 
 - `start`: the hymenoptera search (the two MobileNetV1 plugin backbones, ../shared): command to the
-  first trial's first line (where its first epoch starts) on a cold run (empty --out), a warm rerun
-  of the study (its data cache, feature cache and the OS page cache all warm) and the same rerun with
-  `--no-data-cache` (decoded in the process again).
+  first trial's first line (where its first epoch starts) on a cold run (empty --out, no warm server;
+  it starts one at its end), `autotransfer server start` (which waits until that server is ready, as
+  a user's next command a few seconds later finds it), three warm reruns of the study through the
+  server (its data cache, feature cache and the OS page cache all warm), two without it
+  (AUTOTRANSFER_WARM=0: every import again) and one through it with `--no-data-cache`.
 - `size`: synthetic JPEG folders (generated once under --work: 10 classes, 90/10 train/val, sizes
   and detail of real photos, 300x225 to 640x480) at each --sizes: the cold decode into the data
   cache, the warm read of it, command to first trial, one plain epoch of a small timm model
   (`test_resnet`, random init, every stage trained, linear head from random init) at --image-size,
   and the run's peak RSS/PSS.
 - `workers`: `search --workers 4` on the largest set with an empty data cache, then `--workers 1`,
-  each stopped with Ctrl-C once every worker has trained for 30 s: how many processes decoded
-  (lines saying so), and the workers' memory at its peak (the sum over the four processes, sampled
-  together). RSS counts a shared page once per process that maps it,
-  so four readers of one page-cache copy show four times its size; PSS divides each shared page
-  among the processes that map it and is the memory they hold. Both are reported.
+  each stopped with Ctrl-C once every worker has trained for 30 s; first through a warm server (whose
+  forks share its imported modules), then each worker in its own process. Reported: how many
+  processes decoded (lines saying so), and the workers' memory at its peak (the sum over the worker
+  processes, sampled together; a served worker is its caller plus the server's fork running it, and
+  the server's own share is a column of its own). RSS counts a shared page once per process that
+  maps it, so four readers of one page-cache copy show four times its size; PSS divides each shared
+  page among the processes that map it and is the memory they hold. Both are reported.
 - `overhead`: a 100-trial search of a tiny model on the built-in digits; per trial, the wall time
   not spent in the objective (`duration_s`, model creation to last epoch): sampling, storage
   writes, the leaderboard and best/ upkeep, by decile of trials, and the start and end of the run.
@@ -110,8 +114,8 @@ def synthetic_folder(work: Path, count: int) -> Path:
 
 # --------------------------------------------------------------------------- one command, timed and sampled
 
-def _tree(root: int) -> list[int]:
-    """`root` and its descendants, from /proc."""
+def _tree(roots: list[int]) -> list[int]:
+    """`roots` and their descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -121,7 +125,7 @@ def _tree(root: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
+    found, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         found.append(pid)
@@ -141,11 +145,23 @@ def _memory(pid: int) -> tuple[int, int] | None:
 
 
 def _is_worker(pid: int) -> bool:
+    """A worker's process: `autotransfer worker ...` run in its own process, the caller of one run by a warm
+    server, or the server's fork running it (named `at:worker`, warm.py)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"\0worker\0" in handle.read()
+            if b"\0worker\0" in handle.read():
+                return True
+        with open(f"/proc/{pid}/comm", "rb") as handle:
+            return handle.read().strip() == b"at:worker"
     except OSError:
         return False
+
+
+def _servers() -> list[int]:
+    """The warm servers' pids (this run's private server folder, set in main)."""
+    from autotransfer import warm
+
+    return [pid for pid, _, _ in warm.servers()]
 
 
 @dataclass
@@ -155,10 +171,11 @@ class Run:
     lines: list[tuple[float, str]]
     returncode: int
     wall_s: float
-    peak_rss: int = 0  # the root process
+    peak_rss: int = 0  # the command's processes but workers and servers (its caller and fork when served)
     peak_pss: int = 0
     workers_peak_rss: int = 0  # the sum over worker processes, at the sample where it was largest
     workers_peak_pss: int = 0
+    server_pss_at_workers_peak: int = 0  # the warm server's own share while the workers peaked
     worker_peak_pss: list[int] = field(default_factory=list)  # each worker's own peak
 
     def first(self, pattern: re.Pattern) -> tuple[float, re.Match] | None:
@@ -172,14 +189,19 @@ class Run:
         return sum(needle in text for _, text in self.lines)
 
 
-def run(args: list[str], device: str, env: dict | None = None, stop_after: tuple[int, float] | None = None) -> Run:
-    """Run the CLI; with `stop_after` (trials, seconds), press Ctrl-C (SIGINT to its process group) once
-    that many trials have started and then that many seconds have passed, as a user would. Every search
-    runs on `device`."""
-    command = [sys.executable, "-m", "autotransfer.cli", *args, "--device", device]
+def run(args: list[str], device: str, env: dict | None = None, stop_after: tuple[int, float] | None = None,
+        warm: bool = False) -> Run:
+    """Run the program (`python -m autotransfer`, as the `autotransfer` script); with `stop_after` (trials,
+    seconds), press Ctrl-C (SIGINT to its process group) once that many trials have started and then that
+    many seconds have passed, as a user would. A search runs on `device`. `warm`: through this run's warm
+    server when one is up (and starting one at its end when none is), else every command in its own
+    process. Memory is sampled over the command's process tree and the warm servers' (whose forks run the
+    commands they serve)."""
+    command = [sys.executable, "-m", "autotransfer", *args] + (["--device", device] if args[0] == "search" else [])
     # Python's default is to cache compiled bytecode; a sandbox's PYTHONDONTWRITEBYTECODE would make every
     # run recompile the package, which no user's rerun pays.
     base = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    base["AUTOTRANSFER_WARM"] = "1" if warm else "0"
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**base, **(env or {})}, start_new_session=True)
@@ -191,17 +213,24 @@ def run(args: list[str], device: str, env: dict | None = None, stop_after: tuple
     def sample() -> None:
         while not done.is_set():
             total_rss = total_pss = 0
-            for pid in _tree(process.pid):
+            servers = _servers() if warm else []
+            server_pss = 0
+            command_rss = command_pss = 0
+            for pid in _tree([process.pid, *servers]):
                 memory = _memory(pid)
                 if memory is None:
                     continue
-                if pid == process.pid:
-                    result.peak_rss, result.peak_pss = max(result.peak_rss, memory[0]), max(result.peak_pss, memory[1])
+                if pid in servers:
+                    server_pss = memory[1]
                 elif _is_worker(pid):
                     total_rss, total_pss = total_rss + memory[0], total_pss + memory[1]
                     workers[pid] = max(workers.get(pid, 0), memory[1])
+                else:  # the command: its own process, or its caller and the server's fork running it
+                    command_rss, command_pss = command_rss + memory[0], command_pss + memory[1]
+            result.peak_rss, result.peak_pss = max(result.peak_rss, command_rss), max(result.peak_pss, command_pss)
             result.workers_peak_rss = max(result.workers_peak_rss, total_rss)
-            result.workers_peak_pss = max(result.workers_peak_pss, total_pss)
+            if total_pss > result.workers_peak_pss:
+                result.workers_peak_pss, result.server_pss_at_workers_peak = total_pss, server_pss
             done.wait(SAMPLE_S)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -253,18 +282,36 @@ def start_rows(work: Path, epochs: int, device: str) -> list[dict]:
         return []
     out = work / "start-hymenoptera"
     shutil.rmtree(out, ignore_errors=True)
+    _stop_servers()
     env = {"AUTOTRANSFER_MOBILENETV1_WEIGHTS": str(SHARED / "weights"), "HF_HUB_OFFLINE": "1"}
     base = ["search", "--dataset", str(dataset), "--backbones", MOBILENETS, "--epochs", str(epochs), "--out", str(out)]
     rows = []
-    for case, extra in (("cold", ["--trials", "1"]), ("warm rerun", ["--trials", "2"]),
-                        ("warm rerun --no-data-cache", ["--trials", "3", "--no-data-cache"])):
-        result = run([*base, *extra], device, env)
-        rows.append({"section": "start", "dataset": "hymenoptera", "case": case, "images": 398,
-                     "to_first_trial_s": _first_trial(result), "images_ready_s": _ready(result),
-                     "wall_s": round(result.wall_s, 1), "peak_rss_mb": _mb(result.peak_rss),
-                     "peak_pss_mb": _mb(result.peak_pss)})
+    # cold: nothing cached and no warm server (it starts one at its end); then the server is waited for, as
+    # a user's next command a few seconds later would find it; then reruns through it, and without it.
+    cases = [("cold", True, []), ("server start", True, None), ("warm rerun", True, []), ("warm rerun", True, []),
+             ("warm rerun", True, []), ("warm rerun, no warm server", False, []),
+             ("warm rerun, no warm server", False, []), ("warm rerun --no-data-cache", True, ["--no-data-cache"])]
+    trials = 0
+    for case, warm, extra in cases:
+        if extra is None:
+            result = run(["server", "start"], device, env, warm=True)
+            rows.append({"section": "start", "dataset": "hymenoptera", "case": case, "wall_s": round(result.wall_s, 1)})
+        else:
+            trials += 1
+            result = run([*base, "--trials", str(trials), *extra], device, env, warm=warm)
+            rows.append({"section": "start", "dataset": "hymenoptera", "case": case, "images": 398, "warm_server": warm,
+                         "to_first_trial_s": _first_trial(result), "images_ready_s": _ready(result),
+                         "wall_s": round(result.wall_s, 1), "peak_rss_mb": _mb(result.peak_rss),
+                         "peak_pss_mb": _mb(result.peak_pss)})
         print(rows[-1], flush=True)
+    _stop_servers()
     return rows
+
+
+def _stop_servers() -> None:
+    from autotransfer import warm
+
+    warm.stop_servers(wait_s=60)
 
 
 def _tiny_search(folder: Path, out: Path, cache: Path, image_size: int, extra: list[str]) -> list[str]:
@@ -300,29 +347,43 @@ def worker_rows(work: Path, count: int, image_size: int, device: str, train_s: f
     cache = work / f"data-cache-workers-{count}"
     shutil.rmtree(cache, ignore_errors=True)
     rows = []
-    for workers in (4, 1):  # four first, on the empty cache: the decode happens once, in the parent
-        out = work / f"workers-{count}-{workers}"
-        shutil.rmtree(out, ignore_errors=True)
-        # Each worker's trial is stopped (Ctrl-C) after `train_s` of training: its images are mapped, read
-        # (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch on
-        # four processes sharing two cores would take a quarter of an hour and show nothing more.
-        per_gpu = ["--trials-per-gpu", str(workers)] if device != "cpu" else []
-        result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
-                                                                   str(workers), *per_gpu]),
-                     device, stop_after=(workers, train_s))
-        rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
-                     "images": count, "workers": workers, "decoded": result.count("into the data cache"),
-                     "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
-                     "trained_s_before_ctrl_c": train_s,
-                     "parent_peak_pss_mb": _mb(result.peak_pss),
-                     "workers_peak_rss_mb": _mb(result.workers_peak_rss),
-                     "workers_peak_pss_mb": _mb(result.workers_peak_pss),
-                     "worker_peak_pss_mb": " ".join(str(_mb(v)) for v in result.worker_peak_pss)})
-        print(rows[-1], flush=True)
-    one = next(row for row in rows if row["workers"] == 1)
-    for row in rows:
-        row["pss_vs_one_worker"] = round(row["workers_peak_pss_mb"] / one["workers_peak_pss_mb"], 3)
-        row["rss_vs_one_worker"] = round(row["workers_peak_rss_mb"] / one["workers_peak_rss_mb"], 3)
+    _stop_servers()
+    # Four first, on the empty cache: the decode happens once, in the parent. Through a warm server (started
+    # and waited for first), whose forks share its imports; then each in its own process.
+    for warm in (True, False):
+        if warm:
+            run(["server", "start"], device, warm=True)
+        for workers in (4, 1):
+            out = work / f"workers-{count}-{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            # Each worker's trial is stopped (Ctrl-C) after `train_s` of training: its images are mapped,
+            # read (checked) and being trained on by then, which is when its memory peaks; a whole 50k epoch
+            # on four processes sharing two cores would take a quarter of an hour and show nothing more.
+            per_gpu = ["--trials-per-gpu", str(workers)] if device != "cpu" else []
+            result = run(_tiny_search(folder, out, cache, image_size, ["--trials", str(workers), "--workers",
+                                                                       str(workers), *per_gpu]),
+                         device, stop_after=(workers, train_s), warm=warm)
+            rows.append({"section": "workers", "dataset": f"synthetic-{count}", "case": f"{workers} worker(s)",
+                         "warm_server": warm, "images": count, "workers": workers,
+                         "decoded": result.count("into the data cache"),
+                         "read_from_cache": result.count("from the data cache"), "wall_s": round(result.wall_s, 1),
+                         "trained_s_before_ctrl_c": train_s,
+                         "parent_peak_pss_mb": _mb(result.peak_pss),
+                         "workers_peak_rss_mb": _mb(result.workers_peak_rss),
+                         "workers_peak_pss_mb": _mb(result.workers_peak_pss),
+                         "server_pss_mb": _mb(result.server_pss_at_workers_peak),
+                         "worker_peak_pss_mb": " ".join(str(_mb(v)) for v in result.worker_peak_pss)})
+            print(rows[-1], flush=True)
+        _stop_servers()
+    for warm in (True, False):
+        one = next(row for row in rows if row["workers"] == 1 and row["warm_server"] == warm)
+        for row in rows:
+            if row["warm_server"] == warm:
+                row["pss_vs_one_worker"] = round(row["workers_peak_pss_mb"] / one["workers_peak_pss_mb"], 3)
+                row["rss_vs_one_worker"] = round(row["workers_peak_rss_mb"] / one["workers_peak_rss_mb"], 3)
+                with_server = row["workers_peak_pss_mb"] + row["server_pss_mb"]
+                row["pss_with_server_vs_one_worker"] = round(
+                    with_server / (one["workers_peak_pss_mb"] + one["server_pss_mb"]), 3)
     return rows
 
 
@@ -384,6 +445,7 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"scale-{args.device.split(':')[0]}.csv"
     sections = set(args.sections.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
+    os.environ["AUTOTRANSFER_WARM_DIR"] = str(args.work / "warm")  # this run's servers only, stopped after use
     rows: list[dict] = []
     started = time.perf_counter()
     sections_run = [("start", lambda: start_rows(args.work, args.start_epochs, args.device)),

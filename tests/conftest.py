@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Every command a test starts runs in its own process: warm servers (warm.py) would outlive the test and
+# serve later tests from a fork made before their monkeypatching. tests/test_warm.py turns them on.
+os.environ["AUTOTRANSFER_WARM"] = "0"
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # real datasets and weights; tests that need them skip without it
 CLI_TIMEOUT_S = 300

@@ -1,0 +1,654 @@
+"""Warm start: the `autotransfer` program runs each command in a fork of a server process that has
+already imported torch, timm, optuna and this package, so a command starts without their imports.
+
+Invariant: a command run through the warm server behaves as the same command in a fresh process.
+It gets the caller's arguments, folder, sys.path, standard streams (the very file descriptors, so a
+terminal stays a terminal and a pipe a pipe), umask, CPU affinity, niceness and ignored signals; its
+signals are the caller's (forwarded to its process group) and its exit status is the caller's. A
+server only serves callers whose environment is its own, except the variables in `LATE_ENV`, which
+nothing reads before a command runs (CUDA is never initialised in the server, and
+`OMP_NUM_THREADS` is applied with torch.set_num_threads); the server is also keyed by the Python,
+and by the size and mtime of this package's files and of the preloaded packages, so an edit or an
+upgrade gets a new server. The server itself runs no command code and touches no GPU; it forks one
+child per command and reports how it ended. A caller that dies without a word (SIGKILL) takes its
+command with it (SIGKILL to the command's process group).
+
+No server yet: the command runs in its own process as before, and when it has imported torch it
+starts a server in the background at its exit, for the commands after it. A server exits after
+`AUTOTRANSFER_WARM_IDLE_S` seconds (default 600) with no command; `autotransfer server start` starts
+one for the current environment and waits until it is ready, `autotransfer server stop` stops them at
+once (running commands finish first), `autotransfer server status` lists them, and `AUTOTRANSFER_WARM=0` turns all of this
+off. Linux only (it needs fork, pidfd_open and descriptor passing); elsewhere commands run as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+ENV_SWITCH = "AUTOTRANSFER_WARM"  # "0": no server, every command in its own process
+ENV_DIR = "AUTOTRANSFER_WARM_DIR"  # where sockets, locks and pid files live (default: a private /tmp folder)
+ENV_IDLE = "AUTOTRANSFER_WARM_IDLE_S"
+IDLE_S = 600.0
+# Read only once a command runs, so callers may differ in them: the shell's bookkeeping, the terminal's
+# size, what `search --workers` sets per worker (launch.py), and the GPUs a process may see (CUDA is
+# initialised in the command, never in the server).
+LATE_ENV = frozenset({"PWD", "OLDPWD", "_", "SHLVL", "COLUMNS", "LINES", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                      "AUTOTRANSFER_PARENT_PID"})
+# What the server imports before it serves: what a search, worker, rank, predict or pretrain imports before
+# its first trial. Missing optional packages are skipped.
+PRELOAD = ("numpy", "torch", "torch._dynamo", "torchvision", "timm", "optuna", "optuna.storages", "sqlalchemy",
+           "alembic.migration", "alembic.script", "sklearn.linear_model", "sklearn.model_selection",
+           "tensorboard", "torch.utils.tensorboard", "PIL.Image", "pluggy")
+KEYED_PACKAGES = ("torch", "torchvision", "timm", "optuna", "sqlalchemy", "alembic", "sklearn", "numpy",
+                  "tensorboard", "PIL", "pluggy")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGWINCH)
+# What every command sets in its environment before it runs (cli.main), so its children (workers) inherit
+# it; set here before the key is taken, so a command and the workers it starts share one server.
+ENV_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "3"}  # tensorboard's TensorFlow, when installed, logs nothing
+HEADER = struct.Struct("!I")
+MAX_REQUEST = 1 << 24
+PR_SET_NAME = 15  # linux/prctl.h
+SERVER_NAME = "at:server"  # the server's process name (/proc/PID/comm)
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
+
+
+def set_environ_defaults() -> None:
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def name_process(name: str) -> None:
+    """The process's name in ps, top and /proc/PID/comm (15 bytes kept): forked commands show what they run
+    (`at:search`, `at:worker`) instead of the server's command line, which they share."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def supported() -> bool:
+    return (sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "pidfd_open")
+            and hasattr(os, "fork"))
+
+
+def enabled(env: dict[str, str] | None = None) -> bool:
+    return (env if env is not None else os.environ).get(ENV_SWITCH, "1") != "0" and supported()
+
+
+# --------------------------------------------------------------------------- where and which server
+
+def folder(env: dict[str, str] | None = None) -> Path:
+    """The private folder of this user's servers: $AUTOTRANSFER_WARM_DIR, else under $XDG_RUNTIME_DIR or
+    /tmp. Created 0700; one that someone else owns or others may write is refused."""
+    env = os.environ if env is None else env
+    given = env.get(ENV_DIR)
+    if given:
+        path = Path(given)
+    elif env.get("XDG_RUNTIME_DIR"):
+        path = Path(env["XDG_RUNTIME_DIR"]) / "autotransfer-warm"
+    else:
+        path = Path("/tmp") / f"autotransfer-warm-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{path} is not private to this user (owner {info.st_uid}, mode {info.st_mode & 0o777:o})")
+    return path
+
+
+def key(env: dict[str, str]) -> str:
+    """Which server may run a command started with `env`: the Python, the environment (but LATE_ENV), and
+    the size and mtime of this package's files and of the preloaded packages' entry files."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    digest.update(f"{sys.executable}\0{sys.version}\0".encode())
+    for name in sorted(env):
+        if name not in LATE_ENV:
+            digest.update(f"{name}={env[name]}\0".encode("utf-8", "surrogateescape"))
+    package = Path(__file__).resolve().parent
+    for root, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                info = os.stat(os.path.join(root, name))
+                digest.update(f"{root}/{name}:{info.st_size}:{info.st_mtime_ns}\0".encode())
+    for name in KEYED_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+        if origin and os.path.exists(origin):
+            info = os.stat(origin)
+            digest.update(f"{name}:{origin}:{info.st_size}:{info.st_mtime_ns}\0".encode())
+        else:
+            digest.update(f"{name}:-\0".encode())
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Place:
+    """The files of one server: its socket, its lock (held while it lives) and its pid file."""
+
+    socket: Path
+    lock: Path
+    pid: Path
+
+    @classmethod
+    def of(cls, env: dict[str, str]) -> "Place | None":
+        try:
+            base = folder(env) / key(env)
+        except OSError:
+            return None
+        place = cls(base.with_suffix(".sock"), base.with_suffix(".lock"), base.with_suffix(".pid"))
+        return place if len(str(place.socket)) <= _SOCKET_PATH_MAX else None
+
+
+# --------------------------------------------------------------------------- the caller's side
+
+@dataclass(frozen=True)
+class Caller:
+    """One command's caller: its arguments, its environment as the command starts (ENV_DEFAULTS set), and
+    the server that may run it (None: no server for it; `server` commands never go through one)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    place: Place | None
+
+    @classmethod
+    def here(cls, argv: list[str]) -> "Caller":
+        set_environ_defaults()
+        env = dict(os.environ)
+        return cls(argv, env, Place.of(env) if enabled(env) and argv[:1] != ["server"] else None)
+
+    def through_server(self) -> tuple[str, int] | None:
+        """How the command ended in the server ("exit", status) or ("signal", number); None when no server
+        answered, and the command is to run here."""
+        return None if self.place is None else _through_server(self.place, self.argv, self.env)
+
+    def after_command(self) -> None:
+        """After the command ran here: start a server for the next ones, if it needed torch. A worker of
+        `search --workers` leaves that to its parent, whose own entry decides."""
+        launch = sys.modules.get("autotransfer.launch")
+        if self.place is not None and "torch" in sys.modules and not (launch and launch.is_supervised()):
+            start_server(self.place, self.env)
+
+
+def exit_like(status: tuple[str, int]) -> NoReturn:
+    """End this process as the served command ended: its exit status, or the signal that killed it."""
+    kind, value = status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if kind == "signal":
+        signal.signal(value, signal.SIG_DFL)
+        os.kill(os.getpid(), value)
+        os._exit(128 + value)
+    os._exit(value)
+
+
+def _request(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    launch = sys.modules.get("autotransfer.launch")  # imported by a worker's entry; nobody else is supervised
+    ignored = [int(s) for s in FORWARDED + (signal.SIGPIPE,) if signal.getsignal(s) == signal.SIG_IGN]
+    mask = os.umask(0)
+    os.umask(mask)
+    return {"argv": argv, "argv0": sys.argv[0] if sys.argv else "autotransfer", "cwd": os.getcwd(), "env": env,
+            "path": list(sys.path), "ignored": ignored, "umask": mask,
+            "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "supervised": bool(launch and launch.is_supervised())}
+
+
+def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple[str, int] | None:
+    """Run the command in the server at `place`; its end ("exit", status) or ("signal", number). None when
+    no server answers (nothing was started then)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(str(place.socket))
+    except OSError:
+        connection.close()
+        return None
+    payload = json.dumps(_request(argv, env)).encode("utf-8", "surrogateescape")
+    command: list[int] = []  # the command's pid, once the server has forked it
+    pending: list[int] = []  # signals that came before
+
+    def forward(number: int, _frame: Any) -> None:
+        if not command:
+            pending.append(number)
+            return
+        try:
+            os.killpg(command[0], number)
+        except ProcessLookupError:
+            pass
+
+    handlers = {number: signal.signal(number, forward) for number in FORWARDED
+                if signal.getsignal(number) != signal.SIG_IGN}
+    try:
+        socket.send_fds(connection, [HEADER.pack(len(payload))], [0, 1, 2])
+        connection.sendall(payload)
+        reader = connection.makefile("rb")
+        first = reader.readline()
+    except OSError:
+        first = b""
+    if not first.startswith(b"pid "):  # the server went away before it forked: run it here
+        connection.close()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number in pending:  # as if they came now, to this process
+            signal.raise_signal(number)
+        return None
+    command.append(int(first.split()[1]))
+    for number in pending:
+        forward(number, None)
+    pid = command[0]
+    try:
+        line = reader.readline()
+    except OSError:
+        line = b""
+    words = line.split()
+    if len(words) == 2 and words[0] in (b"exit", b"signal"):
+        return words[0].decode(), int(words[1])
+    # The server died before the command did: wait for the command, whose status is lost with the server.
+    while _alive(pid):
+        time.sleep(0.2)
+    print("autotransfer: error: the warm server stopped before the command ended, so its exit status is "
+          "unknown; run it again (AUTOTRANSFER_WARM=0 runs commands without the server)", file=sys.stderr)
+    return "exit", 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_server(place: Place, env: dict[str, str], quiet: bool = False) -> None:
+    """Start a server for `env` in the background (its own session, no terminal, no inherited descriptors);
+    one already starting or running for the same key makes it exit at once. Says so in one line, unless
+    `quiet`."""
+    import subprocess
+
+    server_env = {name: value for name, value in env.items() if name not in LATE_ENV}
+    code = "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; " \
+           "from autotransfer.entry import serve; serve(sys.argv[1])"
+    try:
+        with open(place.lock.with_suffix(".log"), "ab") as log:
+            subprocess.Popen([sys.executable, "-c", code, str(place.socket)], env=server_env, cwd="/",
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                             start_new_session=True)
+    except OSError as exc:
+        quiet = True
+        print(f"autotransfer: warning: could not start the warm server ({exc}); commands run without it",
+              file=sys.stderr)
+    if not quiet and not place.pid.exists():
+        idle = float(env.get(ENV_IDLE, IDLE_S))
+        print(f"autotransfer: starting a warm server, so the next commands skip the imports (it exits after "
+              f"{idle:g} s idle; `autotransfer server stop` stops it, AUTOTRANSFER_WARM=0 turns this off)",
+              file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the server's side
+
+@dataclass
+class _Command:
+    pid: int
+    pidfd: int
+    connection: socket.socket
+
+
+def serve(socket_path: str) -> list[str] | None:
+    """The server: hold the lock (or return None at once: another serves this key), import PRELOAD, then
+    fork a child per request until idle, and return None. Returns in each child too, set up as its caller
+    (`_become_caller`), with the command's arguments, for the entry to run (entry.serve)."""
+    import fcntl
+
+    sock_path = Path(socket_path)
+    place = Place(sock_path, sock_path.with_suffix(".lock"), sock_path.with_suffix(".pid"))
+    lock = os.open(place.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    place.socket.unlink(missing_ok=True)
+    listener.bind(str(place.socket))  # callers queue here while the imports below run
+    listener.listen(64)
+    name_process(SERVER_NAME)  # before the pid file: `_state` tells a server from a reused pid by it
+    place.pid.write_text(f"{os.getpid()}\n")
+    _preload()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a fork could not use it ("re-initialize CUDA")
+        print("autotransfer warm server: CUDA was initialised by an import; not serving", file=sys.stderr)
+        listener.close()
+        place.socket.unlink(missing_ok=True)
+        place.pid.unlink(missing_ok=True)
+        return None
+    with open(place.pid, "a") as handle:  # `autotransfer server start` waits for this line
+        handle.write("ready\n")
+    idle_s = float(os.environ.get(ENV_IDLE, IDLE_S))
+    request = _serve_loop(listener, idle_s, [lock])
+    if request is None:  # the server, done serving
+        state = _state(place.pid)
+        if state is not None and state[0] == os.getpid():
+            place.pid.unlink(missing_ok=True)
+        os.close(lock)
+        return None
+    return _become_caller(*request)
+
+
+def _preload() -> None:
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - an optional package that is not installed or does not import
+                pass
+        import pkgutil
+
+        import autotransfer
+
+        for module in pkgutil.walk_packages(autotransfer.__path__, "autotransfer."):
+            if module.name not in (__name__, "autotransfer.__main__"):
+                try:
+                    importlib.import_module(module.name)
+                except Exception:  # noqa: BLE001 - a module whose optional dependency is missing
+                    pass
+    gc.collect()
+    gc.freeze()  # children neither walk nor dirty the import heap in their collections
+
+
+def _serve_loop(listener: socket.socket, idle_s: float, keep: list[int]) -> tuple | None:
+    """Accept requests and fork; report each child's end to its caller. Returns None in the server when it
+    stops (idle, or SIGTERM: it stops taking requests and waits for running commands), and the request in
+    each child."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    commands: dict[int, _Command] = {}
+    stopping = False
+    last = time.monotonic()
+
+    def stop(_number: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while True:
+        if stopping and listener.fileno() != -1:  # take no more requests; new callers run on their own
+            selector.unregister(listener)
+            try:
+                os.unlink(listener.getsockname())
+            except OSError:
+                pass
+            listener.close()
+        if stopping and not commands:
+            return None
+        if not commands and not stopping and time.monotonic() - last > idle_s:
+            stopping = True
+            continue
+        for handle, _ in selector.select(timeout=1.0):
+            what = handle.data
+            if what == "accept":
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    continue
+                request = _receive(connection)
+                if request is None:
+                    connection.close()
+                    continue
+                payload, fds = request
+                pid = os.fork()
+                if pid == 0:
+                    for command in commands.values():
+                        os.close(command.pidfd)
+                        command.connection.close()
+                    selector.close()
+                    listener.close()
+                    for fd in keep:
+                        os.close(fd)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                    return payload, fds, connection
+                for fd in fds:
+                    os.close(fd)
+                command = _Command(pid, os.pidfd_open(pid), connection)
+                commands[pid] = command
+                try:
+                    connection.sendall(f"pid {pid}\n".encode())
+                except OSError:
+                    pass
+                selector.register(command.pidfd, selectors.EVENT_READ, ("ended", pid))
+                selector.register(connection, selectors.EVENT_READ, ("caller", pid))
+            elif what[0] == "ended":
+                command = commands.pop(what[1])
+                _, status = os.waitpid(command.pid, 0)
+                selector.unregister(command.pidfd)
+                os.close(command.pidfd)
+                if _registered(selector, command.connection):
+                    selector.unregister(command.connection)
+                    end = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                           else f"exit {os.waitstatus_to_exitcode(status)}")
+                    try:
+                        command.connection.sendall(f"{end}\n".encode())
+                    except OSError:
+                        pass
+                command.connection.close()
+                last = time.monotonic()
+            elif what[0] == "caller":  # the caller sends nothing more: readable means it is gone
+                command = commands[what[1]]
+                selector.unregister(command.connection)
+                try:
+                    os.killpg(command.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _registered(selector: Any, handle: Any) -> bool:
+    try:
+        selector.get_key(handle)
+    except KeyError:
+        return False
+    return True
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]] | None:
+    connection.settimeout(10.0)
+    try:
+        _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
+        if uid != os.getuid():
+            return None
+        head, fds, _, _ = socket.recv_fds(connection, HEADER.size, 3)
+        if len(head) != HEADER.size or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            return None
+        (size,) = HEADER.unpack(head)
+        if size > MAX_REQUEST:
+            raise OSError("request too large")
+        data = bytearray()
+        while len(data) < size:
+            chunk = connection.recv(size - len(data))
+            if not chunk:
+                raise OSError("caller went away")
+            data += chunk
+        connection.settimeout(None)
+        return json.loads(data.decode("utf-8", "surrogateescape")), fds
+    except (OSError, ValueError):
+        return None
+
+
+def _become_caller(payload: dict, fds: list[int], connection: socket.socket) -> list[str]:
+    """In the forked child: become the caller's process (see the module's invariant); the command's arguments."""
+    import io
+
+    connection.close()
+    os.setsid()  # its own process group, which the caller signals
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(payload["cwd"])
+    os.environ.clear()
+    os.environ.update(payload["env"])
+    os.umask(payload["umask"])
+    try:
+        os.sched_setaffinity(0, payload["affinity"])
+        os.setpriority(os.PRIO_PROCESS, 0, payload["nice"])
+    except OSError:
+        pass
+    for number in payload["ignored"]:
+        signal.signal(number, signal.SIG_IGN)
+    sys.path[:] = payload["path"]
+    sys.argv = [payload["argv0"], *payload["argv"]]
+    name_process(f"at:{payload['argv'][0] if payload['argv'] else 'help'}")
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    streams = []
+    for fd, old in ((0, sys.stdin), (1, sys.stdout), (2, sys.stderr)):
+        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+        stream = io.TextIOWrapper(io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw),
+                                  encoding=old.encoding, errors=old.errors,
+                                  line_buffering=fd == 2 or (fd == 1 and raw.isatty()), write_through=unbuffered)
+        streams.append(stream)
+    sys.stdin, sys.stdout, sys.stderr = streams
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()  # a fresh process's legacy global generator starts from entropy
+    if payload.get("supervised"):
+        from .launch import adopt_supervision
+
+        adopt_supervision()
+    return payload["argv"]
+
+
+def run_and_exit(command: Callable[[list[str]], int], argv: list[str]) -> NoReturn:
+    """In a forked child: run the command and end as a fresh process would (non-daemon threads joined,
+    atexit handlers run, streams flushed; an uncaught exception printed, status 1; an uncaught Ctrl-C
+    printed, then death by SIGINT), but without tearing down the interpreter, which in a fork would
+    copy and free every page of the server's import heap for nothing (multiprocessing's forked
+    children end the same way)."""
+    import atexit
+    import threading
+
+    died_of = 0
+    try:
+        code = command(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code, died_of = 130, signal.SIGINT
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter's own exit does
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if died_of:
+        signal.signal(died_of, signal.SIG_DFL)
+        os.kill(os.getpid(), died_of)
+    os._exit(code & 0xFF if code >= 0 else 1)
+
+
+# --------------------------------------------------------------------------- `autotransfer server`
+
+def servers(env: dict[str, str] | None = None) -> list[tuple[int, Path, bool]]:
+    """This user's running servers: (pid, socket, ready: done importing)."""
+    try:
+        base = folder(env)
+    except OSError:
+        return []
+    found = []
+    for pid_file in sorted(base.glob("*.pid")):
+        state = _state(pid_file)
+        if state is not None:
+            found.append((state[0], pid_file.with_suffix(".sock"), state[1]))
+    return found
+
+
+def _state(pid_file: Path) -> tuple[int, bool] | None:
+    try:
+        words = pid_file.read_text().split()
+        pid = int(words[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as handle:
+            named = handle.read().strip() == SERVER_NAME.encode()
+    except OSError:
+        named = False
+    return (pid, "ready" in words[1:]) if named else None  # a dead server's pid may be another process's now
+
+
+def ensure_server(env: dict[str, str], timeout_s: float = 300.0) -> tuple[int, bool]:
+    """A ready server for `env`: the running one, or one started now and waited for. (pid, started now)."""
+    place = Place.of(env)
+    if place is None:
+        raise OSError(f"no private folder for warm servers (set {ENV_DIR} to a short private path)")
+    state = _state(place.pid)
+    started = state is None
+    if started:
+        start_server(place, env, quiet=True)
+    deadline = time.monotonic() + timeout_s
+    seen = False
+    while True:
+        state = _state(place.pid)
+        if state is not None and state[1]:
+            return state[0], started
+        log = place.lock.with_suffix(".log")
+        if seen and state is None:
+            raise OSError(f"the warm server exited before it was ready; see {log}")
+        seen = seen or state is not None
+        if time.monotonic() > deadline:
+            raise OSError(f"the warm server did not get ready in {timeout_s:g} s; see {log}")
+        time.sleep(0.05)
+
+
+def stop_servers(env: dict[str, str] | None = None, wait_s: float = 10.0) -> list[int]:
+    """SIGTERM every server of this user (each stops taking commands and exits once its running ones end)."""
+    stopped = []
+    for pid, _, _ in servers(env):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in stopped):
+        time.sleep(0.05)
+    return stopped
