@@ -61,7 +61,7 @@ HEADER = struct.Struct("!I")
 MAX_REQUEST = 1 << 24
 PR_SET_NAME = 15  # linux/prctl.h
 SERVER_NAME = "at:server"  # the server's process name (/proc/PID/comm)
-_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux; longer paths go through the folder (_connect)
 
 
 def set_environ_defaults() -> None:
@@ -102,6 +102,7 @@ def folder(env: dict[str, str] | None = None) -> Path:
         path = Path(env["XDG_RUNTIME_DIR"]) / "autotransfer-warm"
     else:
         path = Path("/tmp") / f"autotransfer-warm-{os.getuid()}"
+    path = path.absolute()  # the server runs elsewhere (cwd /)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
@@ -154,8 +155,7 @@ class Place:
             base = folder(env) / key(env)
         except OSError:
             return None
-        place = cls(base.with_suffix(".sock"), base.with_suffix(".lock"), base.with_suffix(".pid"))
-        return place if len(str(place.socket)) <= _SOCKET_PATH_MAX else None
+        return cls(base.with_suffix(".sock"), base.with_suffix(".lock"), base.with_suffix(".pid"))
 
 
 # --------------------------------------------------------------------------- the caller's side
@@ -214,11 +214,9 @@ def _request(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple[str, int] | None:
     """Run the command in the server at `place`; its end ("exit", status) or ("signal", number). None when
     no server answers (nothing was started then)."""
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        connection.connect(str(place.socket))
+        connection = _connect(place.socket)
     except OSError:
-        connection.close()
         return None
     payload = json.dumps(_request(argv, env)).encode("utf-8", "surrogateescape")
     command: list[int] = []  # the command's pid, once the server has forked it
@@ -266,6 +264,26 @@ def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple
     print("autotransfer: error: the warm server stopped before the command ended, so its exit status is "
           "unknown; run it again (AUTOTRANSFER_WARM=0 runs commands without the server)", file=sys.stderr)
     return "exit", 1
+
+
+def _connect(path: Path) -> socket.socket:
+    """A connection to the socket at `path`; a path too long for a socket address is reached through an open
+    descriptor of its folder (/proc/self/fd/N/name)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    folder_fd = None
+    try:
+        address = str(path)
+        if len(address) > _SOCKET_PATH_MAX:
+            folder_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+            address = f"/proc/self/fd/{folder_fd}/{path.name}"
+        connection.connect(address)
+    except OSError:
+        connection.close()
+        raise
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
+    return connection
 
 
 def _alive(pid: int) -> bool:
@@ -327,7 +345,8 @@ def serve(socket_path: str) -> list[str] | None:
         return None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     place.socket.unlink(missing_ok=True)
-    listener.bind(str(place.socket))  # callers queue here while the imports below run
+    os.chdir(place.socket.parent)  # bound by its name: the folder's path may be too long for an address
+    listener.bind(place.socket.name)  # callers queue here while the imports below run
     listener.listen(64)
     name_process(SERVER_NAME)  # before the pid file: `_state` tells a server from a reused pid by it
     place.pid.write_text(f"{os.getpid()}\n")
@@ -342,7 +361,7 @@ def serve(socket_path: str) -> list[str] | None:
     with open(place.pid, "a") as handle:  # `autotransfer server start` waits for this line
         handle.write("ready\n")
     idle_s = float(os.environ.get(ENV_IDLE, IDLE_S))
-    request = _serve_loop(listener, idle_s, [lock])
+    request = _serve_loop(listener, place.socket, idle_s, [lock])
     if request is None:  # the server, done serving
         state = _state(place.pid)
         if state is not None and state[0] == os.getpid():
@@ -377,7 +396,7 @@ def _preload() -> None:
     gc.freeze()  # children neither walk nor dirty the import heap in their collections
 
 
-def _serve_loop(listener: socket.socket, idle_s: float, keep: list[int]) -> tuple | None:
+def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: list[int]) -> tuple | None:
     """Accept requests and fork; report each child's end to its caller. Returns None in the server when it
     stops (idle, or SIGTERM: it stops taking requests and waits for running commands), and the request in
     each child."""
@@ -400,7 +419,7 @@ def _serve_loop(listener: socket.socket, idle_s: float, keep: list[int]) -> tupl
         if stopping and listener.fileno() != -1:  # take no more requests; new callers run on their own
             selector.unregister(listener)
             try:
-                os.unlink(listener.getsockname())
+                os.unlink(address)
             except OSError:
                 pass
             listener.close()
@@ -619,7 +638,7 @@ def ensure_server(env: dict[str, str], timeout_s: float = 300.0) -> tuple[int, b
     """A ready server for `env`: the running one, or one started now and waited for. (pid, started now)."""
     place = Place.of(env)
     if place is None:
-        raise OSError(f"no private folder for warm servers (set {ENV_DIR} to a short private path)")
+        raise OSError(f"no private folder for warm servers (set {ENV_DIR} to a folder only you can write)")
     state = _state(place.pid)
     started = state is None
     if started:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,7 +66,9 @@ def wait_for(condition, timeout_s: float = 120.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(environment, server pid): a ready server in a private folder, stopped after the module."""
-    env = {**os.environ, warm.ENV_SWITCH: "1", warm.ENV_DIR: str(tmp_path_factory.mktemp("warm")),
+    # A folder whose sockets' paths are too long for a socket address, as pytest's and many home folders are.
+    long = tmp_path_factory.mktemp("warm") / ("w" * 80)
+    env = {**os.environ, warm.ENV_SWITCH: "1", warm.ENV_DIR: str(long),
            warm.ENV_IDLE: "600", "SLOW_EPOCH_S": "1.5"}
     started = subprocess.run([sys.executable, "-m", "autotransfer", "server", "start"], env=env, capture_output=True,
                              text=True, timeout=300)
@@ -108,6 +111,24 @@ def test_a_folder_others_can_write_is_refused(tmp_path):
     assert warm.Place.of({warm.ENV_DIR: str(shared)}) is None  # so commands run without a server
     private = warm.folder({warm.ENV_DIR: str(tmp_path / "private")})
     assert private.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_socket_whose_path_is_too_long_for_an_address_is_reached_through_its_folder(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    path = deep / "k.sock"
+    assert len(str(path)) > 108  # more than sun_path holds
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    monkeypatch.chdir(deep)
+    listener.bind(path.name)  # as the server binds it
+    listener.listen(1)
+    monkeypatch.chdir(tmp_path)
+    connection = warm._connect(path)
+    accepted, _ = listener.accept()
+    connection.sendall(b"x")
+    assert accepted.recv(1) == b"x"
+    for handle in (connection, accepted, listener):
+        handle.close()
 
 
 def test_the_switch_turns_it_off():
