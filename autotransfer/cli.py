@@ -566,8 +566,8 @@ def _server(args: argparse.Namespace) -> int:
     found = warm.servers()
     state = "off (AUTOTRANSFER_WARM=0)" if not warm.enabled() else "on"
     print(f"warm start: {state}; {len(found)} server(s) running")
-    for pid, path, ready in found:
-        print(f"  pid {pid}  {'ready' if ready else 'importing'}  {path}")
+    for pid, path, phase in found:
+        print(f"  pid {pid}  {phase}  {path}")
     return 0
 
 

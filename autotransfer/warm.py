@@ -52,12 +52,18 @@ PRELOAD = ("numpy", "torch", "torch._dynamo", "torchvision", "timm", "optuna", "
            "tensorboard", "torch.utils.tensorboard", "PIL.Image", "pluggy")
 KEYED_PACKAGES = ("torch", "torchvision", "timm", "optuna", "sqlalchemy", "alembic", "sklearn", "numpy",
                   "tensorboard", "PIL", "pluggy")
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-             signal.SIGWINCH)
+# What the caller passes on. A terminal sends INT, QUIT and WINCH to its whole foreground group, so they go to
+# the command's group; TERM, HUP, USR1 and USR2 are sent to a process (kill, timeout, launch.py's SIGTERM to
+# a worker), so they go to the command's process alone. Ctrl-Z (TSTP) stops the command, then the caller.
+TO_GROUP = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)
+TO_PROCESS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = TO_GROUP + TO_PROCESS
+RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_FSIZE")
 # What every command sets in its environment before it runs (cli.main), so its children (workers) inherit
 # it; set here before the key is taken, so a command and the workers it starts share one server.
 ENV_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "3"}  # tensorboard's TensorFlow, when installed, logs nothing
 HEADER = struct.Struct("!I")
+PID_TIMEOUT_S = 180.0
 MAX_REQUEST = 1 << 24
 PR_SET_NAME = 15  # linux/prctl.h
 SERVER_NAME = "at:server"  # the server's process name (/proc/PID/comm)
@@ -116,7 +122,10 @@ def key(env: dict[str, str]) -> str:
     import importlib.util
 
     digest = hashlib.sha256()
-    digest.update(f"{sys.executable}\0{sys.version}\0".encode())
+    digest.update(f"{sys.executable}\0{sys.version}\0{_interpreter_options()}\0".encode())
+    # OpenMP and BLAS size their thread pools from the CPUs allowed when they load, in the server; a niced
+    # server could not run a caller's command at a higher priority.
+    digest.update(f"{sorted(os.sched_getaffinity(0))}\0{os.getpriority(os.PRIO_PROCESS, 0)}\0".encode())
     for name in sorted(env):
         if name not in LATE_ENV:
             digest.update(f"{name}={env[name]}\0".encode("utf-8", "surrogateescape"))
@@ -139,6 +148,14 @@ def key(env: dict[str, str]) -> str:
         else:
             digest.update(f"{name}:-\0".encode())
     return digest.hexdigest()[:24]
+
+
+def _interpreter_options() -> list[str]:
+    """The command-line options of this interpreter that change how code runs (-O, -X ..., -W ..., -B, -I,
+    ...), as the standard library spawns a like interpreter (multiprocessing); the server starts with them."""
+    import subprocess
+
+    return subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -194,31 +211,37 @@ def exit_like(status: tuple[str, int]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     if kind == "signal":
-        signal.signal(value, signal.SIG_DFL)
+        if value not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(value, signal.SIG_DFL)
         os.kill(os.getpid(), value)
         os._exit(128 + value)
     os._exit(value)
 
 
 def _request(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    import resource
+
     launch = sys.modules.get("autotransfer.launch")  # imported by a worker's entry; nobody else is supervised
-    ignored = [int(s) for s in FORWARDED + (signal.SIGPIPE,) if signal.getsignal(s) == signal.SIG_IGN]
+    ignored = [int(s) for s in FORWARDED + (signal.SIGPIPE, signal.SIGTSTP) if signal.getsignal(s) == signal.SIG_IGN]
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in RLIMITS if hasattr(resource, name)}
     mask = os.umask(0)
     os.umask(mask)
     return {"argv": argv, "argv0": sys.argv[0] if sys.argv else "autotransfer", "cwd": os.getcwd(), "env": env,
             "path": list(sys.path), "ignored": ignored, "umask": mask,
             "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-            "supervised": bool(launch and launch.is_supervised())}
+            "limits": limits, "supervised": bool(launch and launch.is_supervised())}
 
 
 def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple[str, int] | None:
     """Run the command in the server at `place`; its end ("exit", status) or ("signal", number). None when
     no server answers (nothing was started then)."""
     try:
+        for fd in (0, 1, 2):  # a closed one would be taken by the socket and passed as the command's stream
+            os.fstat(fd)
+        payload = json.dumps(_request(argv, env)).encode("utf-8", "surrogateescape")  # the folder may be gone
         connection = _connect(place.socket)
     except OSError:
         return None
-    payload = json.dumps(_request(argv, env)).encode("utf-8", "surrogateescape")
     command: list[int] = []  # the command's pid, once the server has forked it
     pending: list[int] = []  # signals that came before
 
@@ -226,19 +249,18 @@ def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple
         if not command:
             pending.append(number)
             return
-        try:
-            os.killpg(command[0], number)
-        except ProcessLookupError:
-            pass
+        _signal_command(command[0], number)
 
-    handlers = {number: signal.signal(number, forward) for number in FORWARDED
+    handlers = {number: signal.signal(number, forward) for number in FORWARDED + (signal.SIGTSTP,)
                 if signal.getsignal(number) != signal.SIG_IGN}
     try:
         socket.send_fds(connection, [HEADER.pack(len(payload))], [0, 1, 2])
         connection.sendall(payload)
+        connection.settimeout(PID_TIMEOUT_S)  # a server importing on a loaded machine, not one that hangs
         reader = connection.makefile("rb")
         first = reader.readline()
-    except OSError:
+        connection.settimeout(None)
+    except OSError:  # the server went away, or is stuck; closing tells it not to fork for this caller
         first = b""
     if not first.startswith(b"pid "):  # the server went away before it forked: run it here
         connection.close()
@@ -264,6 +286,24 @@ def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple
     print("autotransfer: error: the warm server stopped before the command ended, so its exit status is "
           "unknown; run it again (AUTOTRANSFER_WARM=0 runs commands without the server)", file=sys.stderr)
     return "exit", 1
+
+
+def _signal_command(pid: int, number: int) -> None:
+    """Pass a caller's signal on to its command (see TO_GROUP); Ctrl-Z stops the command, then the caller, and
+    the caller's SIGCONT (fg, bg) continues the command."""
+    try:
+        if number == signal.SIGTSTP:
+            os.killpg(pid, signal.SIGSTOP)  # its group has no terminal: TSTP would be discarded there
+            signal.signal(signal.SIGCONT, lambda *_: _signal_command(pid, signal.SIGCONT))
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)
+            signal.signal(signal.SIGTSTP, lambda n, _f: _signal_command(pid, n))
+        elif number in TO_GROUP or number == signal.SIGCONT:
+            os.killpg(pid, number)
+        else:
+            os.kill(pid, number)
+    except ProcessLookupError:
+        pass
 
 
 def _connect(path: Path) -> socket.socket:
@@ -307,7 +347,7 @@ def start_server(place: Place, env: dict[str, str], quiet: bool = False) -> None
            "from autotransfer.entry import serve; serve(sys.argv[1])"
     try:
         with open(place.lock.with_suffix(".log"), "ab") as log:
-            subprocess.Popen([sys.executable, "-c", code, str(place.socket)], env=server_env, cwd="/",
+            subprocess.Popen([sys.executable, *_interpreter_options(), "-c", code, str(place.socket)], env=server_env, cwd="/",
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                              start_new_session=True)
     except OSError as exc:
@@ -358,8 +398,7 @@ def serve(socket_path: str) -> list[str] | None:
         place.socket.unlink(missing_ok=True)
         place.pid.unlink(missing_ok=True)
         return None
-    with open(place.pid, "a") as handle:  # `autotransfer server start` waits for this line
-        handle.write("ready\n")
+    _mark(place.pid, "ready")  # `autotransfer server start` waits for this line
     idle_s = float(os.environ.get(ENV_IDLE, IDLE_S))
     request = _serve_loop(listener, place.socket, idle_s, [lock])
     if request is None:  # the server, done serving
@@ -423,6 +462,7 @@ def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: lis
             except OSError:
                 pass
             listener.close()
+            _mark(address.with_suffix(".pid"), "stopping")
         if stopping and not commands:
             return None
         if not commands and not stopping and time.monotonic() - last > idle_s:
@@ -440,29 +480,23 @@ def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: lis
                     connection.close()
                     continue
                 payload, fds = request
-                pid = os.fork()
-                if pid == 0:
-                    for command in commands.values():
-                        os.close(command.pidfd)
-                        command.connection.close()
-                    selector.close()
-                    listener.close()
-                    for fd in keep:
-                        os.close(fd)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-                    return payload, fds, connection
-                for fd in fds:
-                    os.close(fd)
-                command = _Command(pid, os.pidfd_open(pid), connection)
-                commands[pid] = command
                 try:
-                    connection.sendall(f"pid {pid}\n".encode())
-                except OSError:
-                    pass
-                selector.register(command.pidfd, selectors.EVENT_READ, ("ended", pid))
-                selector.register(connection, selectors.EVENT_READ, ("caller", pid))
+                    child = _fork(commands, selector, listener, keep, connection, fds)
+                except OSError as exc:  # no memory or descriptors for another command: the caller runs it
+                    print(f"autotransfer warm server: could not start a command: {exc}", file=sys.stderr)
+                    connection.close()
+                    continue
+                finally:
+                    for fd in fds:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                if child is None:  # in the child, fds now on 0-2
+                    return payload, connection
+                commands[child.pid] = child
+                selector.register(child.pidfd, selectors.EVENT_READ, ("ended", child.pid))
+                selector.register(connection, selectors.EVENT_READ, ("caller", child.pid))
             elif what[0] == "ended":
                 command = commands.pop(what[1])
                 _, status = os.waitpid(command.pid, 0)
@@ -479,12 +513,53 @@ def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: lis
                 command.connection.close()
                 last = time.monotonic()
             elif what[0] == "caller":  # the caller sends nothing more: readable means it is gone
-                command = commands[what[1]]
+                command = commands.get(what[1])
+                if command is None or not _registered(selector, command.connection):
+                    continue  # ended in the same round
                 selector.unregister(command.connection)
                 try:
                     os.killpg(command.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _fork(commands: dict[int, _Command], selector: Any, listener: socket.socket, keep: list[int],
+          connection: socket.socket, fds: list[int]) -> _Command | None:
+    """Fork the command's process. In the child: the server's descriptors closed, its own session (so the
+    caller can signal its group from the start), the caller's streams on 0-2; returns None. In the server:
+    once the child has its session, tells the caller its pid; returns the command."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.setsid()
+        os.close(ready_w)  # the server's read returns: the group exists
+        for command in commands.values():
+            os.close(command.pidfd)
+            command.connection.close()
+        selector.close()
+        listener.close()
+        for fd in keep:
+            os.close(fd)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        return None
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    try:
+        connection.sendall(f"pid {pid}\n".encode())
+    except OSError:  # the caller is gone already; the "caller" event kills the command
+        pass
+    return _Command(pid, pidfd, connection)
 
 
 def _registered(selector: Any, handle: Any) -> bool:
@@ -496,7 +571,10 @@ def _registered(selector: Any, handle: Any) -> bool:
 
 
 def _receive(connection: socket.socket) -> tuple[dict, list[int]] | None:
-    connection.settimeout(10.0)
+    """A caller's request and its three streams, or None (another user, a malformed request, or a caller
+    already gone: it runs the command itself). Every received descriptor is closed on the way out."""
+    fds: list[int] = []
+    connection.settimeout(5.0)  # callers send at once; one that stalls delays the others only this long
     try:
         _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                     struct.calcsize("3i")))
@@ -504,9 +582,7 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]] | None:
             return None
         head, fds, _, _ = socket.recv_fds(connection, HEADER.size, 3)
         if len(head) != HEADER.size or len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            return None
+            raise OSError("malformed request")
         (size,) = HEADER.unpack(head)
         if size > MAX_REQUEST:
             raise OSError("request too large")
@@ -516,50 +592,58 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]] | None:
             if not chunk:
                 raise OSError("caller went away")
             data += chunk
+        connection.settimeout(0.0)
+        try:  # a caller that gave up waiting (PID_TIMEOUT_S) has closed its end: do not run it twice
+            if connection.recv(1, socket.MSG_PEEK) == b"":
+                raise OSError("caller went away")
+        except BlockingIOError:
+            pass
         connection.settimeout(None)
         return json.loads(data.decode("utf-8", "surrogateescape")), fds
     except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
         return None
 
 
-def _become_caller(payload: dict, fds: list[int], connection: socket.socket) -> list[str]:
+def _become_caller(payload: dict, connection: socket.socket) -> list[str]:
     """In the forked child: become the caller's process (see the module's invariant); the command's arguments."""
     import io
+    import resource
 
     connection.close()
-    os.setsid()  # its own process group, which the caller signals
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
     os.chdir(payload["cwd"])
     os.environ.clear()
     os.environ.update(payload["env"])
     os.umask(payload["umask"])
+    for name, limits in payload.get("limits", {}).items():
+        try:
+            resource.setrlimit(getattr(resource, name), tuple(limits))
+        except (OSError, ValueError, AttributeError):
+            pass  # a hard limit the caller raised above the server's cannot be raised back
     try:
         os.sched_setaffinity(0, payload["affinity"])
         os.setpriority(os.PRIO_PROCESS, 0, payload["nice"])
     except OSError:
         pass
-    for number in payload["ignored"]:
-        signal.signal(number, signal.SIG_IGN)
+    ignored = set(payload["ignored"])
+    for number in FORWARDED + (signal.SIGTSTP,):  # the caller's dispositions, not the server's starter's
+        default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+        signal.signal(number, signal.SIG_IGN if number in ignored else default)
     sys.path[:] = payload["path"]
     sys.argv = [payload["argv0"], *payload["argv"]]
     name_process(f"at:{payload['argv'][0] if payload['argv'] else 'help'}")
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))  # python -u's streams: no binary buffer under them
     streams = []
     for fd, old in ((0, sys.stdin), (1, sys.stdout), (2, sys.stderr)):
         raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-        stream = io.TextIOWrapper(io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw),
-                                  encoding=old.encoding, errors=old.errors,
-                                  line_buffering=fd == 2 or (fd == 1 and raw.isatty()), write_through=unbuffered)
-        streams.append(stream)
+        tty = raw.isatty()
+        binary = raw if unbuffered and fd else (io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw))
+        streams.append(io.TextIOWrapper(binary, encoding=old.encoding, errors=old.errors, write_through=unbuffered,
+                                        line_buffering=fd == 2 or (fd == 1 and tty)))
     sys.stdin, sys.stdout, sys.stderr = streams
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    _apply_threads(os.environ.get("OMP_NUM_THREADS", ""))
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh process's legacy global generator starts from entropy
     if payload.get("supervised"):
@@ -567,6 +651,21 @@ def _become_caller(payload: dict, fds: list[int], connection: socket.socket) -> 
 
         adopt_supervision()
     return payload["argv"]
+
+
+def _apply_threads(value: str) -> None:
+    """OMP_NUM_THREADS as a fresh process would take it: the server loaded torch's OpenMP and the BLAS
+    libraries without it, so their pools are set now (threadpoolctl, scikit-learn's, for the BLAS ones)."""
+    if not (value.isdigit() and int(value) > 0):
+        return
+    import torch
+
+    torch.set_num_threads(int(value))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(int(value))
 
 
 def run_and_exit(command: Callable[[list[str]], int], argv: list[str]) -> NoReturn:
@@ -601,13 +700,13 @@ def run_and_exit(command: Callable[[list[str]], int], argv: list[str]) -> NoRetu
     if died_of:
         signal.signal(died_of, signal.SIG_DFL)
         os.kill(os.getpid(), died_of)
-    os._exit(code & 0xFF if code >= 0 else 1)
+    os._exit(code & 0xFF)  # as the interpreter: sys.exit(-1) is status 255
 
 
 # --------------------------------------------------------------------------- `autotransfer server`
 
-def servers(env: dict[str, str] | None = None) -> list[tuple[int, Path, bool]]:
-    """This user's running servers: (pid, socket, ready: done importing)."""
+def servers(env: dict[str, str] | None = None) -> list[tuple[int, Path, str]]:
+    """This user's running servers: (pid, socket, phase: importing, ready or stopping)."""
     try:
         base = folder(env)
     except OSError:
@@ -620,7 +719,13 @@ def servers(env: dict[str, str] | None = None) -> list[tuple[int, Path, bool]]:
     return found
 
 
-def _state(pid_file: Path) -> tuple[int, bool] | None:
+def _mark(pid_file: Path, phase: str) -> None:
+    with open(pid_file, "a") as handle:
+        handle.write(f"{phase}\n")
+
+
+def _state(pid_file: Path) -> tuple[int, str] | None:
+    """(pid, phase) of the server whose pid file this is, None when none runs."""
     try:
         words = pid_file.read_text().split()
         pid = int(words[0])
@@ -631,28 +736,32 @@ def _state(pid_file: Path) -> tuple[int, bool] | None:
             named = handle.read().strip() == SERVER_NAME.encode()
     except OSError:
         named = False
-    return (pid, "ready" in words[1:]) if named else None  # a dead server's pid may be another process's now
+    if not named:  # a dead server's pid may be another process's now
+        return None
+    return pid, words[-1] if len(words) > 1 else "importing"
 
 
 def ensure_server(env: dict[str, str], timeout_s: float = 300.0) -> tuple[int, bool]:
-    """A ready server for `env`: the running one, or one started now and waited for. (pid, started now)."""
+    """A ready server for `env`: the running one, or one started now (after a stopping one has gone) and
+    waited for. (pid, started now)."""
     place = Place.of(env)
     if place is None:
         raise OSError(f"no private folder for warm servers (set {ENV_DIR} to a folder only you can write)")
-    state = _state(place.pid)
-    started = state is None
-    if started:
-        start_server(place, env, quiet=True)
+    log = place.lock.with_suffix(".log")
     deadline = time.monotonic() + timeout_s
-    seen = False
+    started = seen = False
     while True:
         state = _state(place.pid)
-        if state is not None and state[1]:
+        if state is not None and state[1] == "ready":
             return state[0], started
-        log = place.lock.with_suffix(".log")
-        if seen and state is None:
-            raise OSError(f"the warm server exited before it was ready; see {log}")
-        seen = seen or state is not None
+        if state is None:
+            if seen:
+                raise OSError(f"the warm server exited before it was ready; see {log}")
+            if not started:
+                start_server(place, env, quiet=True)
+                started = True
+        elif state[1] == "importing" and started:
+            seen = True
         if time.monotonic() > deadline:
             raise OSError(f"the warm server did not get ready in {timeout_s:g} s; see {log}")
         time.sleep(0.05)

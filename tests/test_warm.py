@@ -63,6 +63,20 @@ def wait_for(condition, timeout_s: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def long_search(env: dict, folder: Path) -> tuple[subprocess.Popen, dict]:
+    """A served search that trains for minutes, and what its command's process saw (the probe's line)."""
+    plugin, out = probe(folder)
+    process = subprocess.Popen(caller("search", *TINY, "--epochs", "50", "--trials", "1", "--pruner", "none",
+                                      "--out", str(folder / "run"), "--plugin", str(SLOW_PLUGIN), "--plugin",
+                                      str(plugin), "--quiet"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        return process, wait_for(lambda: lines(out), 120, "the command to load its plugins")[0]
+    except BaseException:
+        process.kill()
+        raise
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(environment, server pid): a ready server in a private folder, stopped after the module."""
@@ -149,13 +163,15 @@ def test_a_command_runs_in_a_fork_of_the_server_as_the_caller_would_run_it(serve
     work = tmp_path / "here"
     work.mkdir()
 
-    def caller_state() -> None:  # what a caller may differ in besides its arguments
-        os.umask(0o027)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    def caller_state(ignore: bool):  # what a caller may differ in besides its arguments
+        def apply() -> None:
+            os.umask(0o027)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN if ignore else signal.SIG_DFL)
+        return apply
 
     runs = [subprocess.run([sys.executable, "-m", "autotransfer", "plugins", "--plugin", str(plugin)], cwd=work,
                            env={**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}, capture_output=True,
-                           text=True, timeout=120, preexec_fn=caller_state) for _ in range(2)]
+                           text=True, timeout=120, preexec_fn=caller_state(ignore)) for ignore in (True, False)]
     for result in runs:
         assert result.returncode == 0, result.stderr
         assert "probe_plugin" in result.stdout  # the listing came through the caller's own stdout pipe
@@ -163,9 +179,10 @@ def test_a_command_runs_in_a_fork_of_the_server_as_the_caller_would_run_it(serve
     assert len(seen) == 2
     for line in seen:
         assert line["ppid"] == server and line["comm"] == "at:plugins"
-        assert line["cwd"] == str(work) and line["umask"] == 0o027 and line["usr1_ignored"]
+        assert line["cwd"] == str(work) and line["umask"] == 0o027
         assert line["cuda_visible"] == "" and line["threads"] == 1 and not line["stdout_tty"]
         assert line["argv"][1:] == ["plugins", "--plugin", str(plugin)]
+    assert [line["usr1_ignored"] for line in seen] == [True, False]  # the caller's, each time
     assert seen[0]["pid"] != seen[1]["pid"] and seen[0]["draw"] != seen[1]["draw"]  # numpy reseeded per command
 
 
@@ -219,13 +236,8 @@ def test_ctrl_c_reaches_the_command_which_records_it_and_exits_130(served, tmp_p
 @pytest.mark.slow
 def test_a_caller_killed_outright_takes_its_command_with_it(served, tmp_path):
     env, server = served
-    plugin, out = probe(tmp_path)
-    process = subprocess.Popen(caller("search", *TINY, "--epochs", "50", "--trials", "1", "--pruner", "none",
-                                      "--out", str(tmp_path / "run"), "--plugin", str(SLOW_PLUGIN), "--plugin",
-                                      str(plugin), "--quiet"), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process, command = long_search(env, tmp_path)
     try:
-        command = wait_for(lambda: lines(out), 120, "the command to load its plugins")[0]
         assert command["ppid"] == server and command["pid"] != process.pid
         process.kill()
         process.wait(timeout=30)
@@ -261,7 +273,7 @@ def test_without_a_server_the_command_runs_here_then_starts_one_that_exits_when_
     assert result.returncode == 0, result.stderr
     assert "starting a warm server" in result.stderr
     assert lines(out)[0]["comm"] != "at:search"  # it ran in its own process
-    found = wait_for(lambda: [s for s in warm.servers(env) if s[2]], 300, "the new server to be ready")
+    found = wait_for(lambda: [s for s in warm.servers(env) if s[2] == "ready"], 300, "the new server to be ready")
     pid = found[0][0]
     wait_for(lambda: not warm._alive(pid), 60, "the idle server to exit")
     assert not list((tmp_path / "warm").glob("*.sock")) and not list((tmp_path / "warm").glob("*.pid"))
@@ -325,9 +337,48 @@ def test_a_forked_command_ends_as_a_fresh_process_would(tmp_path):
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    cases = [(returns, ("exit", 3)), (exits, ("exit", 2)), (fails, ("exit", 1)),
+    def exits_minus_one(argv):
+        raise SystemExit(-1)
+
+    cases = [(returns, ("exit", 3)), (exits, ("exit", 2)), (fails, ("exit", 1)), (exits_minus_one, ("exit", 255)),
              (interrupted, ("signal", signal.SIGINT))]
     for index, (command, expected) in enumerate(cases):
         marker = tmp_path / f"atexit-{index}"
         assert _ended(command, marker) == expected, command.__name__
         assert marker.read_text() == "ran"  # atexit handlers run, as at a normal exit
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+@needs_fork
+@pytest.mark.slow
+def test_ctrl_z_stops_the_command_with_its_caller_and_fg_continues_both(served, tmp_path):
+    env, _ = served
+    process, started = long_search(env, tmp_path)
+    command = started["pid"]
+    try:
+        process.send_signal(signal.SIGTSTP)
+        wait_for(lambda: _process_state(command) == "T" and _process_state(process.pid) == "T", 30, "both stopped")
+        process.send_signal(signal.SIGCONT)
+        wait_for(lambda: _process_state(command) != "T" and _process_state(process.pid) != "T", 30, "both running")
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    wait_for(lambda: not warm._alive(command), 60, "the command to die with its caller")
+
+
+@needs_fork
+def test_a_caller_ends_as_its_command_did_even_by_sigkill():
+    for status in (("exit", 7), ("signal", signal.SIGTERM), ("signal", signal.SIGKILL)):
+        pid = os.fork()
+        if pid == 0:  # the child never returns into pytest
+            try:
+                warm.exit_like(status)
+            finally:
+                os._exit(99)
+        _, raw = os.waitpid(pid, 0)
+        ended = ("signal", os.WTERMSIG(raw)) if os.WIFSIGNALED(raw) else ("exit", os.WEXITSTATUS(raw))
+        assert ended == status
