@@ -293,11 +293,12 @@ def _signal_command(pid: int, number: int) -> None:
     the caller's SIGCONT (fg, bg) continues the command."""
     try:
         if number == signal.SIGTSTP:
-            os.killpg(pid, signal.SIGSTOP)  # its group has no terminal: TSTP would be discarded there
+            # STOP, not TSTP, for both: the kernel discards TSTP in a process group without a terminal's job
+            # control (the command's always; the caller's under nohup or a CI runner), which would leave
+            # one stopped and the other running.
             signal.signal(signal.SIGCONT, lambda *_: _signal_command(pid, signal.SIGCONT))
-            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTSTP)
-            signal.signal(signal.SIGTSTP, lambda n, _f: _signal_command(pid, n))
+            os.killpg(pid, signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif number in TO_GROUP or number == signal.SIGCONT:
             os.killpg(pid, number)
         else:
