@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from .errors import UserError
 
@@ -623,13 +623,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run(argv: list[str] | None = None) -> NoReturn:
-    """A command in this process (`python -m autotransfer.cli`): main(), then exit without the interpreter's last garbage collections walking the import heap. With torch,
-    timm and optuna loaded those passes take seconds at every exit and free nothing the process's end
-    does not; gc.freeze() moves every object out of their reach (refcounting and atexit still run). Run
-    the CLI in-process with main(), which leaves the collector as it is."""
+def run(argv: list[str] | None = None, before_exit: Callable[[], None] | None = None) -> NoReturn:
+    """A command in this process (`python -m autotransfer.cli`; entry.run when no warm server serves it):
+    main(), `before_exit`, then exit without the interpreter's last garbage collections walking the
+    import heap. With torch, timm and optuna loaded those passes take seconds at every exit and free
+    nothing the process's end does not; gc.freeze() moves every object out of their reach (refcounting
+    and atexit still run). Run the CLI in-process with main(), which leaves the collector as it is."""
     code = main(argv)
     sys.stdout.flush()
+    if before_exit is not None:
+        before_exit()
     gc.freeze()
     sys.exit(code)
 

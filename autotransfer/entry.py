@@ -7,12 +7,12 @@ run in the process, always.
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import NoReturn
 
 from . import warm
 from .cli import main
+from .cli import run as run_here
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
@@ -20,11 +20,7 @@ def run(argv: list[str] | None = None) -> NoReturn:
     status = caller.through_server()
     if status is not None:
         warm.exit_like(status)
-    code = main(caller.argv)
-    sys.stdout.flush()
-    caller.after_command()
-    gc.freeze()  # see cli.run
-    sys.exit(code)
+    run_here(caller.argv, before_exit=caller.after_command)
 
 
 def serve(socket_path: str) -> None:

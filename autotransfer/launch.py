@@ -28,7 +28,7 @@ class WorkerPlan:
 
 def parse_gpus(text: str | None, visible: int) -> list[str]:
     """`--gpus 0,2`; default every visible GPU (none on a CPU-only machine)."""
-    from .config import parse_list  # not at the top: a worker's entry (entry.run) imports this module before it knows whether a warm server runs it
+    from .config import parse_list  # not at the top: a worker's entry (entry.run) imports this module
 
     if text is None:
         return [str(i) for i in range(visible)]
@@ -106,9 +106,10 @@ class LocalWorkers:
 
 
 # `python -m` (and `-c`) put the current folder first on sys.path, so a `tabulate.py` lying there would be
-# imported by the worker; drop it, so workers load installed code and explicit --plugin files only.
-WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-                "from autotransfer.launch import supervised; supervised(); "
+# imported by the worker (or the warm server, warm.py); drop it, so they load installed code and explicit
+# --plugin files only.
+CLEAN_PATH = "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+WORKER_ENTRY = (CLEAN_PATH + "from autotransfer.launch import supervised; supervised(); "
                 "from autotransfer.entry import run; run(sys.argv[1:])")
 PARENT_ENV = "AUTOTRANSFER_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

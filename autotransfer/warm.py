@@ -2,23 +2,23 @@
 already imported torch, timm, optuna and this package, so a command starts without their imports.
 
 Invariant: a command run through the warm server behaves as the same command in a fresh process.
-It gets the caller's arguments, folder, sys.path, standard streams (the very file descriptors, so a
-terminal stays a terminal and a pipe a pipe), umask, CPU affinity, niceness and ignored signals; its
-signals are the caller's (forwarded to its process group) and its exit status is the caller's. A
-server only serves callers whose environment is its own, except the variables in `LATE_ENV`, which
-nothing reads before a command runs (CUDA is never initialised in the server, and
-`OMP_NUM_THREADS` is applied with torch.set_num_threads); the server is also keyed by the Python,
-and by the size and mtime of this package's files and of the preloaded packages, so an edit or an
-upgrade gets a new server. The server itself runs no command code and touches no GPU; it forks one
-child per command and reports how it ended. A caller that dies without a word (SIGKILL) takes its
-command with it (SIGKILL to the command's process group).
+It gets the caller's arguments, folder, sys.path, environment, standard streams (the very file
+descriptors, so a terminal stays a terminal and a pipe a pipe), umask, rlimits and signal
+dispositions; the caller passes its signals on (`TO_GROUP`, `TO_PROCESS`) and ends as the command
+ended. A server serves only callers that match it in everything read before a command runs: the
+environment but `LATE_ENV` (CUDA is never initialised in the server; OMP_NUM_THREADS is applied in
+the fork), the Python and its options, CPU affinity and niceness (thread pools are sized from them
+as libraries load), and the size and mtime of this package's files and of the preloaded packages,
+so an edit or an upgrade gets a new server. The server runs no command code and makes no CUDA call;
+it forks one child per command and reports how it ended. A caller that dies without a word
+(SIGKILL) takes its command with it (SIGKILL to the command's process group).
 
 No server yet: the command runs in its own process as before, and when it has imported torch it
 starts a server in the background at its exit, for the commands after it. A server exits after
-`AUTOTRANSFER_WARM_IDLE_S` seconds (default 600) with no command; `autotransfer server start` starts
-one for the current environment and waits until it is ready, `autotransfer server stop` stops them at
-once (running commands finish first), `autotransfer server status` lists them, and `AUTOTRANSFER_WARM=0` turns all of this
-off. Linux only (it needs fork, pidfd_open and descriptor passing); elsewhere commands run as before.
+`AUTOTRANSFER_WARM_IDLE_S` seconds (default 600) with no command. `autotransfer server start` starts
+one for the current environment and waits until it is ready, `server stop` stops them (running
+commands finish first), `server status` lists them; `AUTOTRANSFER_WARM=0` turns all of this off.
+Linux only (fork, pidfd_open, descriptor passing); elsewhere commands run as before.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ LATE_ENV = frozenset({"PWD", "OLDPWD", "_", "SHLVL", "COLUMNS", "LINES", "OMP_NU
 PRELOAD = ("numpy", "torch", "torch._dynamo", "torchvision", "timm", "optuna", "optuna.storages", "sqlalchemy",
            "alembic.migration", "alembic.script", "sklearn.linear_model", "sklearn.model_selection",
            "tensorboard", "torch.utils.tensorboard", "PIL.Image", "pluggy")
-KEYED_PACKAGES = ("torch", "torchvision", "timm", "optuna", "sqlalchemy", "alembic", "sklearn", "numpy",
-                  "tensorboard", "PIL", "pluggy")
+KEYED_PACKAGES = tuple(sorted({name.split(".")[0] for name in PRELOAD}))  # an upgrade of one: a new server
 # What the caller passes on. A terminal sends INT, QUIT and WINCH to its whole foreground group, so they go to
 # the command's group; TERM, HUP, USR1 and USR2 are sent to a process (kill, timeout, launch.py's SIGTERM to
 # a worker), so they go to the command's process alone. Ctrl-Z (TSTP) stops the command, then the caller.
@@ -66,7 +65,7 @@ HEADER = struct.Struct("!I")
 PID_TIMEOUT_S = 180.0
 MAX_REQUEST = 1 << 24
 PR_SET_NAME = 15  # linux/prctl.h
-SERVER_NAME = "at:server"  # the server's process name (/proc/PID/comm)
+SERVER_NAME = "at:server"  # the server's process name (/proc/PID/comm); a command's: process_name()
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux; longer paths go through the folder (_connect)
 
 
@@ -84,6 +83,11 @@ def name_process(name: str) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def process_name(argv: list[str]) -> str:
+    """What a served command's process is named (ps, /proc/PID/comm): `at:search`, `at:worker`, ..."""
+    return f"at:{argv[0] if argv else 'help'}"[:15]
 
 
 def supported() -> bool:
@@ -160,19 +164,29 @@ def _interpreter_options() -> list[str]:
 
 @dataclass(frozen=True)
 class Place:
-    """The files of one server: its socket, its lock (held while it lives) and its pid file."""
+    """The files of one server, named by its socket: the lock (held while it lives), the pid file (pid, then
+    its phase: ready, stopping) and its log."""
 
     socket: Path
-    lock: Path
-    pid: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.socket.with_suffix(".lock")
+
+    @property
+    def pid(self) -> Path:
+        return self.socket.with_suffix(".pid")
+
+    @property
+    def log(self) -> Path:  # the server's stderr
+        return self.socket.with_suffix(".log")
 
     @classmethod
     def of(cls, env: dict[str, str]) -> "Place | None":
         try:
-            base = folder(env) / key(env)
+            return cls((folder(env) / key(env)).with_suffix(".sock"))
         except OSError:
             return None
-        return cls(base.with_suffix(".sock"), base.with_suffix(".lock"), base.with_suffix(".pid"))
 
 
 # --------------------------------------------------------------------------- the caller's side
@@ -200,9 +214,15 @@ class Caller:
     def after_command(self) -> None:
         """After the command ran here: start a server for the next ones, if it needed torch. A worker of
         `search --workers` leaves that to its parent, whose own entry decides."""
-        launch = sys.modules.get("autotransfer.launch")
-        if self.place is not None and "torch" in sys.modules and not (launch and launch.is_supervised()):
+        if self.place is not None and "torch" in sys.modules and not _supervised():
             start_server(self.place, self.env)
+
+
+def _supervised() -> bool:
+    """Whether this process is a worker of `search --workers` (launch.py, imported by a worker's entry)."""
+    from .launch import is_supervised
+
+    return is_supervised()
 
 
 def exit_like(status: tuple[str, int]) -> NoReturn:
@@ -211,25 +231,28 @@ def exit_like(status: tuple[str, int]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     if kind == "signal":
-        if value not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(value, signal.SIG_DFL)
-        os.kill(os.getpid(), value)
-        os._exit(128 + value)
+        _die_of(value)
     os._exit(value)
+
+
+def _die_of(number: int) -> NoReturn:
+    """End this process by the signal `number`, as the process it stands for ended."""
+    if number not in (signal.SIGKILL, signal.SIGSTOP):  # these two take no handler
+        signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+    os._exit(128 + number)  # a signal this process cannot die of
 
 
 def _request(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     import resource
 
-    launch = sys.modules.get("autotransfer.launch")  # imported by a worker's entry; nobody else is supervised
     ignored = [int(s) for s in FORWARDED + (signal.SIGPIPE, signal.SIGTSTP) if signal.getsignal(s) == signal.SIG_IGN]
     limits = {name: resource.getrlimit(getattr(resource, name)) for name in RLIMITS if hasattr(resource, name)}
     mask = os.umask(0)
     os.umask(mask)
     return {"argv": argv, "argv0": sys.argv[0] if sys.argv else "autotransfer", "cwd": os.getcwd(), "env": env,
-            "path": list(sys.path), "ignored": ignored, "umask": mask,
-            "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-            "limits": limits, "supervised": bool(launch and launch.is_supervised())}
+            "path": list(sys.path), "ignored": ignored, "umask": mask, "limits": limits,
+            "supervised": _supervised()}
 
 
 def _through_server(place: Place, argv: list[str], env: dict[str, str]) -> tuple[str, int] | None:
@@ -344,10 +367,11 @@ def start_server(place: Place, env: dict[str, str], quiet: bool = False) -> None
     import subprocess
 
     server_env = {name: value for name, value in env.items() if name not in LATE_ENV}
-    code = "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; " \
-           "from autotransfer.entry import serve; serve(sys.argv[1])"
+    from .launch import CLEAN_PATH
+
+    code = CLEAN_PATH + "from autotransfer.entry import serve; serve(sys.argv[1])"
     try:
-        with open(place.lock.with_suffix(".log"), "ab") as log:
+        with open(place.log, "ab") as log:
             subprocess.Popen([sys.executable, *_interpreter_options(), "-c", code, str(place.socket)], env=server_env, cwd="/",
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                              start_new_session=True)
@@ -377,8 +401,7 @@ def serve(socket_path: str) -> list[str] | None:
     (`_become_caller`), with the command's arguments, for the entry to run (entry.serve)."""
     import fcntl
 
-    sock_path = Path(socket_path)
-    place = Place(sock_path, sock_path.with_suffix(".lock"), sock_path.with_suffix(".pid"))
+    place = Place(Path(socket_path))
     lock = os.open(place.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -401,7 +424,7 @@ def serve(socket_path: str) -> list[str] | None:
         return None
     _mark(place.pid, "ready")  # `autotransfer server start` waits for this line
     idle_s = float(os.environ.get(ENV_IDLE, IDLE_S))
-    request = _serve_loop(listener, place.socket, idle_s, [lock])
+    request = _serve_loop(listener, place, idle_s, [lock])
     if request is None:  # the server, done serving
         state = _state(place.pid)
         if state is not None and state[0] == os.getpid():
@@ -436,7 +459,7 @@ def _preload() -> None:
     gc.freeze()  # children neither walk nor dirty the import heap in their collections
 
 
-def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: list[int]) -> tuple | None:
+def _serve_loop(listener: socket.socket, place: Place, idle_s: float, keep: list[int]) -> tuple | None:
     """Accept requests and fork; report each child's end to its caller. Returns None in the server when it
     stops (idle, or SIGTERM: it stops taking requests and waits for running commands), and the request in
     each child."""
@@ -458,12 +481,9 @@ def _serve_loop(listener: socket.socket, address: Path, idle_s: float, keep: lis
     while True:
         if stopping and listener.fileno() != -1:  # take no more requests; new callers run on their own
             selector.unregister(listener)
-            try:
-                os.unlink(address)
-            except OSError:
-                pass
+            place.socket.unlink(missing_ok=True)
             listener.close()
-            _mark(address.with_suffix(".pid"), "stopping")
+            _mark(place.pid, "stopping")
         if stopping and not commands:
             return None
         if not commands and not stopping and time.monotonic() - last > idle_s:
@@ -622,18 +642,13 @@ def _become_caller(payload: dict, connection: socket.socket) -> list[str]:
             resource.setrlimit(getattr(resource, name), tuple(limits))
         except (OSError, ValueError, AttributeError):
             pass  # a hard limit the caller raised above the server's cannot be raised back
-    try:
-        os.sched_setaffinity(0, payload["affinity"])
-        os.setpriority(os.PRIO_PROCESS, 0, payload["nice"])
-    except OSError:
-        pass
     ignored = set(payload["ignored"])
     for number in FORWARDED + (signal.SIGTSTP,):  # the caller's dispositions, not the server's starter's
         default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
         signal.signal(number, signal.SIG_IGN if number in ignored else default)
     sys.path[:] = payload["path"]
     sys.argv = [payload["argv0"], *payload["argv"]]
-    name_process(f"at:{payload['argv'][0] if payload['argv'] else 'help'}")
+    name_process(process_name(payload["argv"]))
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))  # python -u's streams: no binary buffer under them
     streams = []
     for fd, old in ((0, sys.stdin), (1, sys.stdout), (2, sys.stderr)):
@@ -699,8 +714,7 @@ def run_and_exit(command: Callable[[list[str]], int], argv: list[str]) -> NoRetu
         except (OSError, ValueError):
             pass
     if died_of:
-        signal.signal(died_of, signal.SIG_DFL)
-        os.kill(os.getpid(), died_of)
+        _die_of(died_of)
     os._exit(code & 0xFF)  # as the interpreter: sys.exit(-1) is status 255
 
 
@@ -748,7 +762,7 @@ def ensure_server(env: dict[str, str], timeout_s: float = 300.0) -> tuple[int, b
     place = Place.of(env)
     if place is None:
         raise OSError(f"no private folder for warm servers (set {ENV_DIR} to a folder only you can write)")
-    log = place.lock.with_suffix(".log")
+    log = place.log
     deadline = time.monotonic() + timeout_s
     started = seen = False
     while True:

@@ -1,7 +1,7 @@
 """How a search's cost grows: start-up, decoding, memory with several workers, epochs from 5k to 50k
 images, and per-trial overhead at 100 trials. Every number comes from the real command line
-(`python -m autotransfer search ...`, the `autotransfer` script), run as a user runs it, with its stderr lines time-stamped
-as they arrive and its process tree's memory sampled from /proc.
+(`python -m autotransfer search ...`, the `autotransfer` script), run as a user runs it, with its
+stderr lines time-stamped as they arrive and its process tree's memory sampled from /proc.
 
 Sections (rows tagged by `section`):
 
@@ -51,6 +51,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autotransfer import warm as warm_start  # `warm` names the runs through it below
 from autotransfer.bench.store import cpu_model  # the bench's reading of /proc/cpuinfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,16 +153,14 @@ def _is_worker(pid: int) -> bool:
             if b"\0worker\0" in handle.read():
                 return True
         with open(f"/proc/{pid}/comm", "rb") as handle:
-            return handle.read().strip() == b"at:worker"
+            return handle.read().strip() == warm_start.process_name(["worker"]).encode()
     except OSError:
         return False
 
 
 def _servers() -> list[int]:
     """The warm servers' pids (this run's private server folder, set in main)."""
-    from autotransfer import warm
-
-    return [pid for pid, _, _ in warm.servers()]
+    return [pid for pid, _, _ in warm_start.servers()]
 
 
 @dataclass
@@ -309,9 +308,7 @@ def start_rows(work: Path, epochs: int, device: str) -> list[dict]:
 
 
 def _stop_servers() -> None:
-    from autotransfer import warm
-
-    warm.stop_servers(wait_s=60)
+    warm_start.stop_servers(wait_s=60)
 
 
 def _tiny_search(folder: Path, out: Path, cache: Path, image_size: int, extra: list[str]) -> list[str]:
